@@ -1,0 +1,326 @@
+"""Prompts, data and the answer grader shared by every script (OPSD, GRPO, SFT, eval).
+
+1. templates: the student sees the problem; the teacher (the same model) also sees a reference solution.
+   Both end with the same instruction, so the two prompts end in the same assistant prefix.
+2. token ids: prompts are tokenised once, here, and rollouts are appended as ids (never re-tokenised).
+3. data: `load_records` maps a benchmark key, a local .jsonl/.json/.parquet file or a Hugging Face id
+   to rows {"id", "problem", "solution", "answer"}.
+4. answer extraction: the last \\boxed{...} (or \\fbox{...}) of a completion.
+5. grader: `grade(completion, gold)` is math-verify (gold first, prediction parsed LaTeX-only) or'ed with
+   a normalised string compare. math-verify runs in a persistent worker subprocess: that is the only way
+   to bound sympy work it cannot interrupt, and its SIGALRM timeouts fail outside the main thread.
+
+Departures: the teacher prompt follows the official OPSD wording in spirit, not verbatim.
+`python prompts.py --grader-worker` is the worker; nobody runs it by hand.
+Importing this file imports only the standard library (datasets/pyarrow/math-verify are imported lazily).
+"""
+import atexit
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import threading
+import time
+from decimal import Decimal
+
+# -----------------------------------------------------------------------------
+# 1. prompt templates
+
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+TRANSITION = ("After understanding the reference solution, please try to solve this problem on your own: "
+              "reason it through in your own words, without copying the reference solution.")
+
+
+def student_messages(problem: str) -> list[dict]:
+    return [{"role": "user", "content": f"{problem}\n\n{INSTRUCTION}"}]
+
+
+def teacher_messages(problem: str, solution: str) -> list[dict]:
+    # the privileged context sits between the problem and the instruction, so both prompts end alike
+    content = f"{problem}\n\nHere is a reference solution:\n{solution}\n\n{TRANSITION}\n\n{INSTRUCTION}"
+    return [{"role": "user", "content": content}]
+
+# -----------------------------------------------------------------------------
+# 2. token ids
+
+
+def chat_prompt_ids(tokenizer, messages, thinking: bool = False) -> list[int]:
+    # render to text first: in transformers 5 apply_chat_template(tokenize=True) returns a dict-like object,
+    # and add_special_tokens=False keeps the tokenizer from adding a BOS the template did not ask for
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=thinking)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def student_prompt_ids(tokenizer, problem, thinking=False) -> list[int]:
+    return chat_prompt_ids(tokenizer, student_messages(problem), thinking)
+
+
+def teacher_prompt_ids(tokenizer, problem, solution, thinking=False) -> list[int]:
+    return chat_prompt_ids(tokenizer, teacher_messages(problem, solution), thinking)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    # <|im_end|> ends a chat turn; eos (<|endoftext|> for Qwen3 base) also stops a model that forgot the template
+    ids = []
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if im_end is not None and im_end != tokenizer.unk_token_id:
+        ids.append(im_end)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has neither <|im_end|> nor an eos token")
+    return ids
+
+
+def completion_ids(tokenizer, text) -> list[int]:
+    # SFT targets end with the turn's stop token, so the model learns to stop
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [stop_token_ids(tokenizer)[0]]
+
+# -----------------------------------------------------------------------------
+# 3. data
+
+TRAIN_DATA = ("siyanzhao/Openthoughts_math_30k_opsd", "train")
+BENCHMARKS = {"aime24": ("HuggingFaceH4/aime_2024", "train"), "aime25": ("yentinglin/aime_2025", "train"),
+              "hmmt25": ("MathArena/hmmt_feb_2025", "train"), "amobench": ("meituan-longcat/AMO-Bench", "test"),
+              "math500": ("HuggingFaceH4/MATH-500", "test")}
+PROBLEM_COLUMNS = ("problem", "Question", "question", "prompt")
+ANSWER_COLUMNS = ("answer", "Answer")
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {line_number} is not valid JSON ({e})") from e
+    return rows
+
+
+def _read_rows(source: str, split: str | None) -> list[dict]:
+    if source.endswith((".jsonl", ".json", ".parquet")):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"load_records: no such file {source!r}")
+        if source.endswith(".parquet"):
+            import pyarrow.parquet  # a dependency of datasets; lighter than building a Dataset
+            return pyarrow.parquet.read_table(source).to_pylist()
+        if source.endswith(".json"):
+            with open(source, encoding="utf-8") as f:
+                text = f.read()
+            if text.lstrip().startswith("["):
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{source}: not valid JSON ({e})") from e
+            # otherwise datasets' to_json format: one object per line
+        return _read_jsonl(source)
+    import datasets  # lazily: importing prompts must stay cheap
+    hf_id, default_split = BENCHMARKS.get(source, (source, "train"))
+    return list(datasets.load_dataset(hf_id, split=split or default_split))
+
+
+def _field(row: dict, names) -> str | None:
+    for name in names:
+        value = row.get(name)
+        if value is not None and str(value).strip():
+            return str(value)  # AIME25 stores answers as ints
+    return None
+
+
+def load_records(source: str, split: str | None = None, require=("problem", "answer"),
+                 limit: int | None = None) -> list[dict]:
+    rows = _read_rows(source, split)
+    records, dropped = [], 0
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{source}: row {index} is a {type(row).__name__}, not an object")
+        if row.get("answer_type") == "description":
+            dropped += 1  # AMO-Bench proof-like answers need an LLM judge, which we do not run
+            continue
+        solution = _field(row, ("solution",))
+        record = {"id": index, "problem": _field(row, PROBLEM_COLUMNS), "solution": solution,
+                  "answer": _field(row, ANSWER_COLUMNS),
+                  "reference": _field(row, ("reference",))}  # sft.py: a teacher-format example
+        if record["answer"] is None and solution is not None:
+            record["answer"] = extract_boxed(solution)  # OPSD train: the gold is the reference's last box
+        for name in require:
+            if record[name] is None:
+                raise ValueError(f"{source}: row {index} has no {name!r} (columns: {sorted(row)})")
+        records.append(record)
+        if limit is not None and len(records) >= limit:
+            break
+    if dropped:
+        print(f"load_records({source}): dropped {dropped} rows with answer_type='description' (need an LLM judge)")
+    return records
+
+# -----------------------------------------------------------------------------
+# 4. answer extraction
+
+_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} / \\fbox{...} (nested braces balanced), or of `\\boxed 5`; else None."""
+    starts = [m.end() for m in _BOX.finditer(text)]
+    for start in reversed(starts):
+        rest = text[start:]
+        body = rest.lstrip()
+        if body.startswith("{"):
+            depth = 0
+            for i, char in enumerate(body):
+                depth += (char == "{") - (char == "}")
+                if depth == 0:
+                    return body[1:i]
+            return None  # the last box never closes (a truncated completion): no answer
+        if body and rest[0].isspace():
+            return re.match(r"[^\s$]*", body).group(0)  # "\boxed 5"
+        # "\boxed" followed by something else (prose mentioning the macro): look at the box before it
+    return None
+
+
+_SYMBOLS = {"−": "-", "–": "-", "π": "\\pi ", "∞": "\\infty ", "×": "\\times ", "·": "\\cdot ", "√": "\\sqrt",
+            "≤": "\\le ", "≥": "\\ge ", "½": "\\frac{1}{2}"}
+
+
+def latex_fixups(answer: str) -> str:
+    """The clean-up math-verify needs: unicode math symbols, $ wrappers, a sentence's final full stop."""
+    for symbol, latex in _SYMBOLS.items():
+        answer = answer.replace(symbol, latex)
+    answer = answer.strip().strip("$").strip()
+    answer = re.sub(r"(\\[,;:! ]|\s)*\.$", "", answer)  # "0.75." ends a sentence; math-verify rejects it
+    return answer.strip()
+
+
+def normalize_answer(answer: str) -> str:
+    """A whitespace-free canonical string, so trivially different spellings compare equal as strings."""
+    s = latex_fixups(answer)
+    s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![A-Za-z])", "", s)
+    s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
+    s = re.sub(r"\\(?:text|textbf|textrm|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree", "", s)
+    s = re.sub(r"\\?%|\\\$", "", s)
+    s = re.sub(r"\\[,;:! ]|\s", "", s)
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
+        s = s.replace(",", "")  # 1,000 -> 1000 only when the whole answer is one number, never "1,2"
+    return s.rstrip(".")
+
+# -----------------------------------------------------------------------------
+# 5. grader: math-verify in a worker subprocess, string compare in this one
+
+MAX_ANSWER_CHARS = 2000  # longer "answers" are rambling, not answers; only the string compare sees them
+_STARTUP_SECONDS = 120  # importing sympy on a loaded node can be slow; the per-call timeout starts after
+_worker, _worker_pid, _lock = None, None, threading.Lock()
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)")
+_cache: dict[tuple[str, str], bool] = {}  # GRPO rollouts repeat answers; also stops a slow answer from timing out twice
+
+
+def _serve_grader():
+    """The worker: one JSON [gold, prediction] per stdin line, "1" or "0" per stdout line."""
+    import logging
+    from math_verify import LatexExtractionConfig, parse, verify
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled": our kill is the timeout
+    reply = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)  # anything else printing to stdout must not corrupt the protocol
+    reply.write(b"ready\n")
+    for line in sys.stdin.buffer:
+        gold, pred = json.loads(line)
+        # `$...$`: bare gold LaTeX mis-parses (2\sqrt{3} -> 2); LaTeX-only for the prediction: the Expr
+        # fallback grabs stray numbers. No signal timeouts: the parent kills us instead.
+        try:
+            ok = verify(parse(f"${gold}$", parsing_timeout=None),
+                        parse(f"${pred}$", extraction_config=[LatexExtractionConfig()], parsing_timeout=None),
+                        timeout_seconds=None)
+        except Exception:  # math-verify catches most errors itself; whatever escapes means "not verified"
+            ok = False
+        reply.write(b"1\n" if ok else b"0\n")
+
+
+def _stop_worker():
+    global _worker
+    if _worker is not None and _worker_pid == os.getpid():  # a forked child must not kill its parent's worker
+        _worker.kill()
+        _worker.wait()
+    _worker = None
+
+
+def _forget_worker_after_fork():
+    # the child shares the parent's pipes; talking on them would interleave replies. Start afresh.
+    global _worker, _lock
+    _worker, _lock = None, threading.Lock()
+
+
+atexit.register(_stop_worker)
+os.register_at_fork(after_in_child=_forget_worker_after_fork)
+
+
+def _read_line(process, seconds: float) -> bytes | None:
+    """One reply line from the worker, or None if it took longer than `seconds` or died."""
+    deadline, fd, line = time.monotonic() + seconds, process.stdout.fileno(), b""
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 64)
+        if not chunk:
+            return None
+        line += chunk
+    return line
+
+
+def _math_verify(gold: str, pred: str, timeout: float) -> bool:
+    global _worker, _worker_pid
+    if _worker is None:
+        _worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--grader-worker"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        _worker_pid = os.getpid()
+        if _read_line(_worker, _STARTUP_SECONDS) != b"ready\n":
+            _stop_worker()
+            # an environment fault (math-verify missing), not a bad answer: grading on would silently change scores
+            raise RuntimeError("the math-verify grader worker failed to start; see its error above")
+    try:
+        _worker.stdin.write(json.dumps([gold, pred]).encode() + b"\n")
+        reply = _read_line(_worker, timeout)
+    except OSError:  # the worker died (e.g. sympy blew the C stack): this answer is not verified
+        reply = None
+    if reply is None:
+        _stop_worker()  # timed out or died; the next call starts a fresh one
+        return False
+    return reply == b"1\n"
+
+
+def grade(completion: str, gold: str, timeout: float = 5.0) -> bool:
+    """True if the last box of `completion` equals `gold` (bare or boxed). Never raises on input, never hangs."""
+    if not isinstance(completion, str) or not isinstance(gold, str):
+        return False
+    pred = extract_boxed(completion)
+    gold = extract_boxed(gold) if _BOX.search(gold) else gold
+    if pred is None or gold is None:
+        return False
+    pred, gold = latex_fixups(pred), latex_fixups(gold)
+    if not pred or not gold:
+        return False
+    pred_key, gold_key = normalize_answer(pred), normalize_answer(gold)
+    if pred_key == gold_key:
+        return True  # cheap, and rescues spellings math-verify rejects
+    if _NUMBER.fullmatch(pred_key) and _NUMBER.fullmatch(gold_key) and "%" not in pred + gold:
+        # two plain numbers (every AIME answer) are compared exactly: cheaper than the worker, and math-verify
+        # rounds at 6 absolute decimals, calling 0.0000001 and 0.0000002 equal. 10\% vs 0.1 is math-verify's call.
+        return Decimal(pred_key) == Decimal(gold_key)
+    if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
+        return False
+    with _lock:
+        if (gold, pred) not in _cache:
+            if len(_cache) >= 100_000:
+                _cache.clear()
+            _cache[(gold, pred)] = _math_verify(gold, pred, timeout)
+        return _cache[(gold, pred)]
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--grader-worker"]:
+    _serve_grader()

@@ -1,0 +1,346 @@
+"""The specification of prompts.py: templates, token ids, data loading, answer extraction and the grader.
+
+  python -m pytest -q test_prompts.py
+"""
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import prompts
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def boxed(answer):
+    """A realistic completion ending in a boxed answer."""
+    return f"Let me work through this.\nSo the final answer is $\\boxed{{{answer}}}$."
+
+# -----------------------------------------------------------------------------
+# 1. the grader table: (completion, gold, expected). Conventions follow MATH / AIME grading: an answer is
+# right when it is the same mathematical object, however it is spelled.
+
+
+GRADER_TABLE = [
+    # fractions, decimals, radicals, pi: equal only up to mathematics, not as strings
+    ("half_decimal_vs_frac", boxed("0.5"), "\\frac{1}{2}", True),
+    ("frac_shorthand_vs_decimal", boxed("\\frac12"), "0.5", True),
+    ("dfrac_vs_decimal", boxed("\\dfrac{3}{4}"), "0.75", True),
+    ("tfrac_vs_frac", boxed("\\tfrac{1}{2}"), "\\frac{1}{2}", True),
+    ("unreduced_fraction", boxed("\\frac{2}{4}"), "\\frac{1}{2}", True),
+    ("decimal_vs_improper_fraction", boxed("\\frac{3}{2}"), "1.5", True),
+    ("slash_fraction", boxed("1/2"), "\\frac{1}{2}", True),
+    ("negative_frac_forms", boxed("-\\frac12"), "\\frac{-1}{2}", True),
+    ("negative_decimal_vs_frac", boxed("-0.5"), "-\\frac{1}{2}", True),
+    ("simplified_radical", boxed("2\\sqrt{3}"), "\\sqrt{12}", True),
+    ("unsimplified_radical", boxed("\\sqrt{12}"), "2\\sqrt{3}", True),
+    ("sqrt_without_braces_in_gold", boxed("\\frac{\\sqrt{3}}{2}"), "\\frac{\\sqrt3}{2}", True),
+    ("rationalised_denominator", boxed("\\frac{1}{\\sqrt{2}}"), "\\frac{\\sqrt{2}}{2}", True),
+    ("pi_over_two_forms", boxed("\\pi/2"), "\\dfrac{\\pi}{2}", True),
+    ("sum_of_fractions", boxed("\\frac{1}{2}+\\frac{1}{3}"), "\\frac56", True),
+    ("power_vs_value", boxed("2^{10}"), "1024", True),
+    ("binomial_vs_value", boxed("\\binom{5}{2}"), "10", True),
+    ("aime_leading_zero", boxed("33"), "033", True),
+    # intervals, sets, tuples
+    ("interval_left_right", boxed("\\left(-\\infty, 3\\right]"), "(-\\infty,3]", True),
+    ("interval_union_order", boxed("(-\\infty,-1)\\cup(1,\\infty)"), "(1,\\infty)\\cup(-\\infty,-1)", True),
+    ("interval_with_membership", boxed("x \\in [1,2]"), "[1,2]", True),
+    ("set_order", boxed("\\{2,1\\}"), "\\{1,2\\}", True),
+    ("solution_list_order", boxed("3, 2"), "2, 3", True),
+    ("tuple_spacing", boxed("(3,-2)"), "(3, -2)", True),
+    ("matrix", boxed("\\begin{pmatrix}1\\\\2\\end{pmatrix}"), "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", True),
+    # units, percent, degrees, money, thousands, text
+    ("percent_sign_dropped", boxed("50"), "50\\%", True),
+    ("percent_sign_added", boxed("50\\%"), "50", True),
+    ("percent_as_fraction", boxed("0.05"), "5\\%", True),
+    ("degrees_circ", boxed("30^\\circ"), "30", True),
+    ("degrees_braced_circ", boxed("30"), "30^{\\circ}", True),
+    ("degrees_unicode", boxed("90°"), "90", True),
+    ("dollars", boxed("\\$10"), "10", True),
+    ("units_text", boxed("5\\text{ cm}"), "5", True),
+    ("thousands_comma", boxed("1,000"), "1000", True),
+    ("thousands_comma_in_gold", boxed("1000000"), "1,000,000", True),
+    ("thousands_latex_brace_comma", boxed("1{,}000"), "1000", True),
+    ("text_wrapper", boxed("Evelyn"), "\\text{Evelyn}", True),
+    ("multiple_choice_letter", boxed("\\text{C}"), "\\text{(C)}", True),
+    ("multiple_choice_parens", boxed("(C)"), "C", True),
+    # equations and expressions
+    ("assignment_vs_value", boxed("x=3"), "3", True),
+    ("value_vs_assignment_gold", boxed("3"), "x=3", True),
+    ("line_equation_rhs", boxed("2x+1"), "y = 2x+1", True),
+    ("expanded_square", boxed("(x+1)^2"), "x^2+2x+1", True),
+    ("complex_order", boxed("4i+3"), "3+4i", True),
+    ("commuted_sum", boxed("a+b"), "b+a", True),
+    # where the box is and how it is written
+    ("last_box_wins", "First \\boxed{3}, but wait, recheck: \\boxed{4}.", "4", True),
+    ("earlier_box_loses", "First \\boxed{3}, but wait, recheck: \\boxed{4}.", "3", False),
+    ("nested_braces", boxed("\\frac{1}{\\sqrt{2}}"), "\\frac{1}{\\sqrt{2}}", True),
+    ("fbox", "The answer: \\fbox{7}", "7", True),
+    ("boxed_space_form", "Hence \\boxed 5 is the answer.", "5", True),
+    ("gold_boxed", boxed("0.5"), "\\boxed{\\frac{1}{2}}", True),
+    ("gold_is_a_solution", boxed("5"), "Adding, 2+3=5, so the answer is $\\boxed{5}$.", True),
+    ("trailing_full_stop", boxed("\\frac{3}{4}."), "0.75", True),  # math-verify rejects "0.75."
+    ("unicode_minus", boxed("−5"), "-5", True),
+    ("unicode_pi", boxed("π/2"), "\\frac{\\pi}{2}", True),
+    ("unicode_infinity", boxed("∞"), "\\infty", True),
+    ("negative_integer", boxed("-5"), "-5", True),
+    ("long_text_before_box", "x" * 100_000 + boxed("7"), "7", True),
+    # wrong answers
+    ("no_box", "The answer is 42.", "42", False),
+    ("empty_box", "The answer is \\boxed{}.", "42", False),
+    ("truncated_last_box", "First \\boxed{3}, then \\boxed{\\frac{1}{", "3", False),
+    ("sign_error", boxed("5"), "-5", False),
+    ("sign_error_gold_positive", boxed("-3"), "3", False),
+    ("off_by_one", boxed("100"), "99", False),
+    ("off_by_one_power", boxed("1025"), "2^{10}", False),
+    ("zero_vs_one", boxed("0"), "1", False),
+    ("rounded_third", boxed("0.33"), "\\frac{1}{3}", False),
+    ("close_but_not_equal", boxed("1.001"), "1", False),
+    ("tiny_numbers_differ", boxed("0.0000001"), "0.0000002", False),  # math-verify rounds to 6 decimals
+    ("wrong_radical", boxed("3\\sqrt{2}"), "2\\sqrt{3}", False),
+    ("wrong_radical_in_fraction", boxed("\\frac{\\sqrt2}{2}"), "\\frac{\\sqrt3}{2}", False),
+    ("pi_approximated_to_integer", boxed("3"), "\\pi", False),
+    ("wrong_fraction", boxed("\\frac{1}{3}"), "\\frac{1}{2}", False),
+    ("interval_endpoint_closed", boxed("[1,2]"), "[1,2)", False),
+    ("ordered_pair_swapped", boxed("(2,1)"), "(1,2)", False),
+    ("set_missing_element", boxed("\\{1,2\\}"), "\\{1,2,3\\}", False),
+    ("set_extra_element", boxed("2, 3, 4"), "2, 3", False),
+    ("list_vs_number", boxed("12"), "1,2", False),
+    ("wrong_exponent", boxed("x^3"), "x^2", False),
+    ("wrong_sign_in_expression", boxed("x^2+1"), "x^2-1", False),
+    ("wrong_matrix", boxed("\\begin{pmatrix}1\\\\3\\end{pmatrix}"), "\\begin{pmatrix}1\\\\2\\end{pmatrix}", False),
+    ("wrong_assignment", boxed("x=4"), "3", False),
+    ("wrong_word", boxed("\\text{Tuesday}"), "\\text{Monday}", False),
+    ("prefix_of_word", boxed("Eve"), "\\text{Evelyn}", False),
+    ("wrong_letter", boxed("b"), "a", False),
+    ("digits_swapped", boxed("21"), "12", False),
+    # garbage must be False, never an error
+    ("empty_fraction", boxed("\\frac{}{}"), "1", False),
+    ("unbalanced_garbage", "\\boxed{}}}{{{", "1", False),
+    ("control_characters", boxed("\x00\ufffd"), "1", False),
+    ("emoji", boxed("🙂"), "1", False),
+    ("backslashes", boxed("\\\\\\\\"), "1", False),
+    ("huge_box", "\\boxed{" + "9" * 100_000 + "}", "9", False),
+    ("huge_garbage_no_box", "}{\\" * 40_000, "1", False),
+    ("empty_gold", boxed("1"), "", False),
+]
+
+
+@pytest.mark.parametrize("completion,gold,expected", [case[1:] for case in GRADER_TABLE],
+                         ids=[case[0] for case in GRADER_TABLE])
+def test_grade_table(completion, gold, expected):
+    assert prompts.grade(completion, gold) is expected
+
+
+def test_grade_table_is_not_a_string_compare():
+    # the table must fail a grader that always says yes, and one that only compares strings
+    assert len(GRADER_TABLE) >= 60
+    assert sum(not expected for *_, expected in GRADER_TABLE) >= 30
+    string_equal_true = [name for name, completion, gold, expected in GRADER_TABLE
+                         if expected and prompts.extract_boxed(completion) != gold]
+    assert len(string_equal_true) >= 30
+
+# -----------------------------------------------------------------------------
+# 2. answer extraction
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("\\boxed{\\frac{1}{\\sqrt{2}}}", "\\frac{1}{\\sqrt{2}}"),
+    ("\\boxed{1} then \\boxed{2}", "2"),
+    ("\\fbox{7}", "7"),
+    ("\\boxed{1} and \\fbox{2}", "2"),
+    ("\\boxed 5.", "5."),
+    ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
+    ("\\boxed{}", ""),
+    ("\\boxed{3} and a truncated \\boxed{\\frac{1}{", None),
+    ("\\boxed{\\frac{1}{2}", None),
+    ("no box here", None),
+    ("put it in \\boxed{4}, as asked in \\boxed", "4"),
+], ids=["nested", "last_wins", "fbox", "fbox_after_boxed", "space_form", "escaped_braces", "empty",
+        "unbalanced_last", "unbalanced_only", "no_box", "bare_macro_after_box"])
+def test_extract_boxed(text, expected):
+    assert prompts.extract_boxed(text) == expected
+
+# -----------------------------------------------------------------------------
+# 3. the grader's guarantees: bounded time, threads, daemonic pools, any input
+
+
+def test_grade_slow_input_times_out():
+    # sympy cannot be interrupted here; only killing the worker bounds it
+    start = time.monotonic()
+    assert prompts.grade(boxed("5^{5^{5^{5^5}}}"), "1", timeout=2) is False
+    assert time.monotonic() - start < 2 + 3
+    assert prompts.grade(boxed("\\frac12"), "0.5") is True  # a fresh worker takes over
+
+
+def test_grade_from_a_thread():
+    # inputs seen nowhere else in this file, so the worker answers them, not the cache
+    pairs = [(boxed(f"\\frac{{{i}}}{{{2 * i}}}"), "0.5") for i in range(3, 7)] + [(boxed("\\frac{3}{7}"), "0.5")]
+    results = [None] * len(pairs)
+
+    def grade_one(i):
+        results[i] = prompts.grade(*pairs[i])
+    threads = [threading.Thread(target=grade_one, args=(i,)) for i in range(len(pairs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [True, True, True, True, False]
+
+
+def _grade_pair(pair):
+    return prompts.grade(*pair)
+
+
+def test_grade_in_daemonic_pool_worker():
+    prompts.grade(boxed("\\sqrt{8}"), "3")  # a worker in the parent must not leak into forked children
+    pairs = [(boxed("\\sqrt{8}"), "2\\sqrt{2}"), (boxed("\\sqrt{8}"), "3\\sqrt{2}"), (boxed("0.25"), "\\frac{1}{4}")]
+    with multiprocessing.get_context("fork").Pool(2) as pool:  # pool workers are daemonic
+        assert pool.map(_grade_pair, pairs) == [True, False, True]
+    assert prompts.grade(boxed("\\sqrt{8}"), "2\\sqrt{2}") is True
+
+
+@pytest.mark.parametrize("completion,gold", [
+    (None, "1"), ("\\boxed{1}", None), (b"\\boxed{1}", "1"), (1, 1), (["\\boxed{1}"], "1"),
+    ("\\boxed{1}", b"1"), ("\\boxed{\ud800x}", "2"), ("\\boxed{x}", "\\boxed{\\frac{1}{"),
+], ids=["none_completion", "none_gold", "bytes_completion", "ints", "list", "bytes_gold", "lone_surrogate",
+        "truncated_gold"])
+def test_grade_odd_input_is_false(completion, gold):
+    # non-str input is a caller's bug, but a reward function must not crash a training run over it
+    assert prompts.grade(completion, gold) is False
+
+
+def test_import_is_light():
+    code = "import prompts, sys; print(sorted(m for m in ('torch', 'transformers', 'vllm', 'datasets') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+# -----------------------------------------------------------------------------
+# 4. data loading, from small local files shaped like the real sets
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def test_load_records_aime_shape(tmp_path):
+    path = str(tmp_path / "aime24.jsonl")
+    write_jsonl(path, [{"id": 60, "problem": "Find x.", "solution": "x is \\boxed{204}", "answer": "204", "url": "u"},
+                       {"id": 61, "problem": "Find y.", "solution": None, "answer": 25}])
+    assert prompts.load_records(path) == [
+        {"id": 0, "problem": "Find x.", "solution": "x is \\boxed{204}", "answer": "204", "reference": None},
+        {"id": 1, "problem": "Find y.", "solution": None, "answer": "25", "reference": None}]
+
+
+def test_load_records_keeps_a_reference_column_for_teacher_format_sft(tmp_path):
+    path = str(tmp_path / "warm.jsonl")
+    write_jsonl(path, [{"problem": "P", "solution": "S \\boxed{1}", "reference": "R"}, {"problem": "Q", "solution": "\\boxed{2}"}])
+    assert [r["reference"] for r in prompts.load_records(path)] == ["R", None]
+
+
+def test_load_records_opsd_train_shape_takes_answer_from_solution(tmp_path):
+    path = str(tmp_path / "train.jsonl")
+    write_jsonl(path, [{"problem": "What is 2+3?", "solution": "2+3=5, so \\boxed{5}."},
+                       {"problem": "Half of 1?", "solution": "It is $\\boxed{\\frac{1}{2}}$"}])
+    records = prompts.load_records(path, require=("problem", "solution", "answer"))
+    assert [r["answer"] for r in records] == ["5", "\\frac{1}{2}"]
+
+
+def test_load_records_amobench_shape_drops_description_rows(tmp_path, capsys):
+    path = str(tmp_path / "amo.parquet")
+    import pyarrow
+    import pyarrow.parquet
+    rows = [{"question_id": 1, "prompt": "P1", "answer": "\\frac{1}{2}", "answer_type": "number"},
+            {"question_id": 2, "prompt": "P2", "answer": "All n such that ...", "answer_type": "description"},
+            {"question_id": 3, "prompt": "P3", "answer": "x^2+1", "answer_type": "variable"}]
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+    records = prompts.load_records(path)
+    assert [(r["id"], r["problem"], r["answer"]) for r in records] == [(0, "P1", "\\frac{1}{2}"), (2, "P3", "x^2+1")]
+    assert "dropped 1" in capsys.readouterr().out
+
+
+def test_load_records_openthoughts_shape_and_limit(tmp_path):
+    path = str(tmp_path / "ot.json")
+    with open(path, "w") as f:
+        json.dump([{"Question": f"Q{i}", "Answer": str(i)} for i in range(5)], f)
+    records = prompts.load_records(path, limit=2)
+    assert [(r["problem"], r["answer"], r["solution"]) for r in records] == [("Q0", "0", None), ("Q1", "1", None)]
+
+
+def test_load_records_json_lines_in_a_json_file(tmp_path):
+    path = str(tmp_path / "rows.json")  # datasets' to_json writes one object per line
+    write_jsonl(path, [{"question": "Q", "answer": "1"}])
+    assert prompts.load_records(path)[0]["problem"] == "Q"
+
+
+def test_load_records_missing_answer_names_row_and_field(tmp_path):
+    path = str(tmp_path / "bad.jsonl")
+    write_jsonl(path, [{"problem": "ok", "answer": "1"}, {"problem": "no answer", "solution": "no box"}])
+    with pytest.raises(ValueError, match=r"row 1 .*'answer'") as error:
+        prompts.load_records(path)
+    assert path in str(error.value)
+
+
+def test_load_records_bad_json_names_the_line(tmp_path):
+    path = str(tmp_path / "broken.jsonl")
+    with open(path, "w") as f:
+        f.write('{"problem": "a", "answer": "1"}\n\n{"problem": "b", "answer": \n')
+    with pytest.raises(ValueError, match="line 3"):
+        prompts.load_records(path)
+
+
+def test_load_records_missing_file():
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        prompts.load_records("nope.jsonl")
+
+# -----------------------------------------------------------------------------
+# 5. prompt token ids, with the toy Qwen3-style tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    import toy
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(toy.build_tokenizer(str(tmp_path_factory.mktemp("tokenizer"))))
+
+
+def test_messages_put_the_reference_before_the_instruction():
+    student = prompts.student_messages("What is 2+3?")[0]["content"]
+    teacher = prompts.teacher_messages("What is 2+3?", "2+3=5, \\boxed{5}")[0]["content"]
+    assert student == "What is 2+3?\n\n" + prompts.INSTRUCTION
+    assert teacher.startswith("What is 2+3?\n\nHere is a reference solution:\n2+3=5, \\boxed{5}")
+    assert teacher.endswith(prompts.TRANSITION + "\n\n" + prompts.INSTRUCTION)
+
+
+@pytest.mark.parametrize("thinking,prefix", [(False, "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+                                             (True, "<|im_start|>assistant\n")], ids=["thinking_off", "thinking_on"])
+def test_student_and_teacher_prompts_end_with_the_same_assistant_prefix(tokenizer, thinking, prefix):
+    prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    student = prompts.student_prompt_ids(tokenizer, "What is 123*4?", thinking)
+    teacher = prompts.teacher_prompt_ids(tokenizer, "What is 123*4?", "123*4 = 492\n\\boxed{492}", thinking)
+    assert all(isinstance(i, int) for i in student + teacher)
+    assert student[-len(prefix_ids):] == teacher[-len(prefix_ids):] == prefix_ids
+    assert tokenizer.decode(student).endswith(prompts.INSTRUCTION + "<|im_end|>\n" + prefix)
+    assert len(teacher) > len(student)
+
+
+def test_rollout_starts_exactly_after_the_prompt(tokenizer):
+    prompt = prompts.student_prompt_ids(tokenizer, "What is 123*4?")
+    rollout = prompts.completion_ids(tokenizer, "3*4+0=12\n\\boxed{492}")
+    sequence = prompt + rollout  # ids are concatenated, never re-tokenised
+    assert sequence[len(prompt):] == rollout
+    assert tokenizer.decode(sequence[len(prompt):], skip_special_tokens=True) == "3*4+0=12\n\\boxed{492}"
+
+
+def test_completion_ids_end_with_im_end(tokenizer):
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert prompts.stop_token_ids(tokenizer)[0] == im_end
+    assert len(set(prompts.stop_token_ids(tokenizer))) == len(prompts.stop_token_ids(tokenizer))
+    assert prompts.completion_ids(tokenizer, "\\boxed{5}")[-1] == im_end
