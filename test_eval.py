@@ -1,0 +1,244 @@
+"""eval.py on CPU: the metrics against brute force and hand-made cases, and eval.main end to end on a tiny
+random Qwen3 (base, with an adapter, resumed after a stop, and on a broken data file)."""
+import itertools
+import json
+import os
+
+import pytest
+import torch
+
+import eval as evaluate
+import opsd
+import prompts
+import toy
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random Qwen3 + the toy tokenizer, saved as a model dir, and 5 toy problems as a jsonl."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    root = tmp_path_factory.mktemp("eval")
+    model_dir = str(root / "model")
+    tokenizer = AutoTokenizer.from_pretrained(toy.build_tokenizer(model_dir))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(toy.model_config(tokenizer, hidden=32, layers=2, heads=2)).save_pretrained(model_dir)
+    data = str(root / "toy.jsonl")
+    toy.write_jsonl(data, toy.make_records("test", 5, seed=0))
+    return {"root": root, "model": model_dir, "data": data, "tokenizer": tokenizer}
+
+
+def cli(tiny, out_dir, *extra, n=2, temperature="0"):
+    return ["--model", tiny["model"], "--data", tiny["data"], "--n", str(n), "--temperature", temperature,
+            "--max-new-tokens", "12", "--no-thinking", "--sampler", "hf", "--out-dir", str(out_dir), *extra]
+
+
+def read_rows(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+# -----------------------------------------------------------------------------
+# metrics
+
+
+def test_pass_at_k_matches_brute_force_enumeration():
+    for n in range(1, 9):
+        for c in range(n + 1):
+            correct = [True] * c + [False] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(correct, k))
+                expected = sum(any(s) for s in subsets) / len(subsets)
+                assert evaluate.pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12), (n, c, k)
+
+
+def test_pass_at_k_is_stable_for_large_n_and_rejects_bad_input():
+    assert evaluate.pass_at_k(1000, 1, 1) == pytest.approx(0.001)
+    assert 0 < evaluate.pass_at_k(10_000, 3, 16) < 1
+    with pytest.raises(ValueError):
+        evaluate.pass_at_k(4, 5, 1)
+
+
+def test_maj_at_k_votes_on_normalised_answers_and_breaks_ties_by_first_seen():
+    # normalised: \dfrac{1}{2} and \frac{1}{2} are one answer (2 votes) and beat 3 (1 vote)
+    assert evaluate.maj_at_k(["3", "\\dfrac{1}{2}", "\\frac{1}{2}"], [False, True, True], 3) == 1.0
+    # a tie: the answer seen first wins
+    assert evaluate.maj_at_k(["5", "7"], [False, True], 2) == 0.0
+    assert evaluate.maj_at_k(["7", "5"], [True, False], 2) == 1.0
+    # only the first k samples vote; samples with no answer do not vote
+    assert evaluate.maj_at_k(["7", "5", "5"], [True, False, False], 1) == 1.0
+    assert evaluate.maj_at_k([None, None, "5"], [False, False, True], 3) == 1.0
+    assert evaluate.maj_at_k([None, None], [False, False], 2) == 0.0
+
+
+def test_majority_wrong_while_pass_at_k_right_and_the_averages():
+    def rows(answers, gold):
+        return [{"extracted": a, "correct": a == gold, "length": 10} for a in answers]
+    # the right answer once, a wrong one three times: pass@4 = 1, maj@4 = 0, avg 1/4
+    wrong_majority = evaluate.problem_metrics(rows(["1", "2", "2", "2"], "1"), [1, 2, 4])
+    assert wrong_majority["pass@4"] == 1.0 and wrong_majority["maj@4"] == 0.0 and wrong_majority["correct"] == 1
+    assert wrong_majority["pass@1"] == pytest.approx(0.25) and wrong_majority["maj@1"] == 1.0
+    all_right = evaluate.problem_metrics(rows(["1"] * 4, "1"), [1, 2, 4])
+    none_right = evaluate.problem_metrics(rows([None] * 4, "1"), [1, 2, 4])
+    per_problem = {("a", 0): wrong_majority, ("a", 1): all_right, ("b", 0): none_right}
+    summary = evaluate.reduce_summary(per_problem, ["a", "b"], [1, 2, 4], world=1)
+    assert summary["benchmarks"]["a"]["avg"] == pytest.approx(5 / 8)
+    assert summary["benchmarks"]["b"]["avg"] == 0.0
+    assert summary["avg"] == pytest.approx(5 / 12)  # mean over the 3 problems
+    assert summary["avg_of_benchmarks"] == pytest.approx((5 / 8 + 0) / 2)
+    assert summary["pass@4"] == pytest.approx(2 / 3) and summary["maj@4"] == pytest.approx(1 / 3)
+    assert summary["problems"] == 3 and summary["samples"] == 12 and summary["mean_length"] == 10
+
+# -----------------------------------------------------------------------------
+# end to end
+
+
+def check_consistent(summary, rows, n_problems, n):
+    assert summary["problems"] == n_problems and summary["samples"] == n_problems * n == len(rows)
+    assert summary["avg"] == pytest.approx(sum(r["correct"] for r in rows) / len(rows))
+    assert summary["pass@1"] == pytest.approx(summary["avg"])  # unbiased pass@1 is the mean correctness
+    assert summary["mean_length"] == pytest.approx(sum(r["length"] for r in rows) / len(rows))
+    assert sorted((r["problem_id"], r["sample"]) for r in rows) == [(p, s) for p in range(n_problems) for s in range(n)]
+
+
+def test_base_model_end_to_end_writes_samples_and_a_consistent_summary(tiny, tmp_path):
+    summary = evaluate.main(cli(tiny, tmp_path, n=4, temperature="1.0"))
+    rows = read_rows(tmp_path / "samples.jsonl")
+    check_consistent(summary, rows, 5, 4)
+    assert set(summary) >= {"avg", "pass@1", "pass@2", "pass@4", "maj@1", "maj@4", "mean_length", "problems", "samples"}
+    assert "pass@8" not in summary  # k > n is not defined
+    for row in rows:
+        assert set(row) == {"benchmark", "problem_id", "sample", "completion", "extracted", "correct", "length"}
+        assert row["benchmark"] == "toy" and 1 <= row["length"] <= 12
+        assert row["extracted"] == prompts.extract_boxed(row["completion"])
+    with open(tmp_path / "summary.json") as f:
+        saved = json.load(f)
+    assert {k: v for k, v in saved.items() if k != "config"} == summary
+
+
+def make_adapter(tiny, path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1.0)  # PEFT initialises B to zero: a no-op adapter would prove nothing
+    model.save_pretrained(path)
+    return path
+
+
+def test_adapter_is_loaded_and_changes_the_outputs(tiny, tmp_path):
+    from safetensors.torch import load_file
+    adapter = make_adapter(tiny, str(tmp_path / "adapter"))
+    saved = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    loaded = dict(evaluate.load_hf_model(tiny["model"], adapter, torch.device("cpu")).named_parameters())
+    for name, value in saved.items():
+        match = [p for n, p in loaded.items() if n.replace(".default", "") == name]
+        assert len(match) == 1 and torch.equal(match[0], value), name
+    base = evaluate.main(cli(tiny, tmp_path / "base"))
+    tuned = evaluate.main(cli(tiny, tmp_path / "tuned", "--adapter", adapter))
+    base_rows, tuned_rows = read_rows(tmp_path / "base" / "samples.jsonl"), read_rows(tmp_path / "tuned" / "samples.jsonl")
+    check_consistent(tuned, tuned_rows, 5, 2)
+    assert [r["completion"] for r in base_rows] != [r["completion"] for r in tuned_rows]
+    assert base["samples"] == tuned["samples"]
+
+
+def test_resume_samples_only_the_missing_problems_and_gives_the_same_summary(tiny, tmp_path, monkeypatch):
+    full = evaluate.main(cli(tiny, tmp_path / "full"))
+    lines = open(tmp_path / "full" / "samples.jsonl").readlines()
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    # problems 0-1 finished, problem 2 half-written, and a line cut off mid-write (no newline)
+    with open(stopped / "samples.jsonl", "w") as f:
+        f.writelines(lines[:5])
+        f.write(lines[5][:20])
+    asked = []
+    generate = opsd.HFSampler.generate
+
+    def spy(self, prompt_ids, *args, **kwargs):
+        asked.extend(prompt_ids)
+        return generate(self, prompt_ids, *args, **kwargs)
+    monkeypatch.setattr(opsd.HFSampler, "generate", spy)
+    resumed = evaluate.main(cli(tiny, stopped, "--resume"))
+    records = prompts.load_records(tiny["data"])
+    assert asked == [prompts.student_prompt_ids(tiny["tokenizer"], r["problem"], False) for r in records[2:]]
+    assert resumed == full
+    rows = read_rows(stopped / "samples.jsonl")  # every line whole, none twice
+    check_consistent(resumed, rows, 5, 2)
+    # resuming a finished run samples nothing
+    asked.clear()
+    assert evaluate.main(cli(tiny, stopped, "--resume")) == full and asked == []
+
+
+def test_a_fresh_run_starts_over_in_a_used_out_dir(tiny, tmp_path):
+    evaluate.main(cli(tiny, tmp_path))
+    evaluate.main(cli(tiny, tmp_path, "--limit", "2"))
+    assert len(read_rows(tmp_path / "samples.jsonl")) == 4
+
+
+def test_teacher_prompts_include_the_reference(tiny, tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(opsd.HFSampler, "generate", lambda self, ids, n, *a, **k: asked.extend(ids) or [[[1]] * n for _ in ids])
+    evaluate.main(cli(tiny, tmp_path, "--teacher"))
+    record = prompts.load_records(tiny["data"])[0]
+    assert asked[0] == prompts.teacher_prompt_ids(tiny["tokenizer"], record["problem"], record["solution"], False)
+
+
+def test_a_row_without_an_answer_is_reported_with_its_index(tiny, tmp_path):
+    rows = toy.make_records("test", 3, seed=0)
+    del rows[1]["answer"], rows[1]["solution"]
+    broken = str(tmp_path / "broken.jsonl")
+    toy.write_jsonl(broken, rows)
+    with pytest.raises(ValueError, match=r"broken\.jsonl: row 1 has no 'answer'"):
+        evaluate.main(["--model", tiny["model"], "--data", broken, "--out-dir", str(tmp_path / "out")])
+
+
+def test_unknown_benchmark_names_the_option(tiny, tmp_path):
+    with pytest.raises(ValueError, match="--benchmarks: unknown"):
+        evaluate.main(["--model", tiny["model"], "--benchmarks", "aime24,nope", "--out-dir", str(tmp_path)])
+
+
+def test_an_adapter_dir_without_adapter_config_names_the_option(tiny, tmp_path):
+    with pytest.raises(FileNotFoundError, match="--adapter"):
+        evaluate.main(cli(tiny, tmp_path, "--adapter", str(tmp_path)))
+
+
+def _two_ranks(rank, world, tiny, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    results[rank] = evaluate.run_eval(None, tiny["tokenizer"], tiny["records"], FakeSampler(tiny["tokenizer"]), 3, 1.0,
+                                      1.0, 8, False, rank=rank, world=world)
+    torch.distributed.destroy_process_group()
+
+
+class FakeSampler:
+    """Answers from the prompt's length: deterministic, some right and some wrong, no model needed."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def generate(self, prompt_ids, n, *args, **kwargs):
+        out = []
+        for ids in prompt_ids:
+            text = self.tokenizer.decode(ids)
+            a, b = map(int, text.split("What is ")[1].split("?")[0].split("*"))
+            out.append([self.tokenizer(f"\\boxed{{{a * b + (s if len(ids) % 2 else 0)}}}")["input_ids"] for s in range(n)])
+        return out
+
+
+def test_ranks_split_the_problems_and_all_return_the_single_process_summary(tiny):
+    import socket
+
+    import torch.multiprocessing as mp
+    records = toy.make_records("test", 7, seed=3)
+    single = evaluate.run_eval(None, tiny["tokenizer"], records, FakeSampler(tiny["tokenizer"]), 3, 1.0, 1.0, 8, False)
+    assert 0 < single["avg"] < 1  # the fake sampler is right on some problems only
+    with socket.socket() as s:  # a free port: other test runs may share this machine
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_two_ranks, args=(2, {"tokenizer": tiny["tokenizer"], "records": records}, port, results), nprocs=2)
+    assert results[0] == results[1]  # all-reduced: the same on every rank
+    assert results[0]["benchmarks"]["data"] == pytest.approx(single["benchmarks"]["data"])  # sums in another order
+    assert {k: v for k, v in results[0].items() if k != "benchmarks"} == pytest.approx({k: v for k, v in single.items() if k != "benchmarks"})
