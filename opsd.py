@@ -26,6 +26,7 @@ Run:
   torchrun --standalone --nproc_per_node 8 opsd.py   # 8 GPUs
 """
 import argparse
+import functools
 import glob
 import json
 import math
@@ -159,15 +160,19 @@ def print0(*args, **kwargs):
 # 3. data: a fixed shuffled order per epoch, so the data position is just the step (resumable)
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(n_records, seed, epoch):
+    order = list(range(n_records))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return order
+
+
 def batch_indices(n_records, step, batch_size, seed, rank, world):
     """Indices of this rank's problems at a step: the global batch, split range(rank, B, world)."""
     out = []
     for i in range(rank, batch_size, world):
         position = step * batch_size + i
-        epoch = position // n_records
-        order = list(range(n_records))
-        random.Random(seed * 100_003 + epoch).shuffle(order)
-        out.append(order[position % n_records])
+        out.append(epoch_order(n_records, seed, position // n_records)[position % n_records])
     return out
 
 # -----------------------------------------------------------------------------

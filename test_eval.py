@@ -16,15 +16,7 @@ import toy
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random Qwen3 + the toy tokenizer, saved as a model dir, and 5 toy problems as a jsonl."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    root = tmp_path_factory.mktemp("eval")
-    model_dir = str(root / "model")
-    tokenizer = AutoTokenizer.from_pretrained(toy.build_tokenizer(model_dir))
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(toy.model_config(tokenizer, hidden=32, layers=2, heads=2)).save_pretrained(model_dir)
-    data = str(root / "toy.jsonl")
-    toy.write_jsonl(data, toy.make_records("test", 5, seed=0))
-    return {"root": root, "model": model_dir, "data": data, "tokenizer": tokenizer}
+    return toy.build_tiny(tmp_path_factory.mktemp("eval"), split="test", n_problems=5)
 
 
 def cli(tiny, out_dir, *extra, n=2, temperature="0"):

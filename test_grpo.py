@@ -19,15 +19,7 @@ import toy
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny random Qwen3 with the toy tokenizer, and 32 toy problems."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    root = tmp_path_factory.mktemp("grpo")
-    model_dir = str(root / "model")
-    tokenizer = AutoTokenizer.from_pretrained(toy.build_tokenizer(model_dir))
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(toy.model_config(tokenizer, hidden=32, layers=2, heads=2)).save_pretrained(model_dir)
-    data = str(root / "train.jsonl")
-    toy.write_jsonl(data, toy.make_records("train", 32, 0))
-    return {"model": model_dir, "data": data, "tokenizer": tokenizer}
+    return toy.build_tiny(tmp_path_factory.mktemp("grpo"))
 
 
 def run_args(world, out_dir, *extra):

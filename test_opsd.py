@@ -28,17 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    root = tmp_path_factory.mktemp("opsd_world")
-    model_dir = str(root / "model")
-    tokenizer = AutoTokenizer.from_pretrained(toy.build_tokenizer(model_dir))
-    config = toy.model_config(tokenizer, hidden=32, layers=2, heads=2)
-    config.initializer_range = 0.3
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
-    data = str(root / "train.jsonl")
-    toy.write_jsonl(data, toy.make_records("train", 32, 0))
-    return {"model": model_dir, "data": data, "tokenizer": tokenizer}
+    return toy.build_tiny(tmp_path_factory.mktemp("opsd_world"), initializer_range=0.3)
 
 
 def run_args(world, out_dir, *extra):
@@ -333,6 +323,45 @@ def test_fixed_teacher_is_bit_identical_after_training(world, tmp_path, monkeypa
     changed = [not torch.equal(a, p.detach()) for a, p in zip(captured["initial"], captured["run"].params)]
     assert all(changed)  # with a high lr every LoRA matrix moved (lora_A too, once lora_B is non-zero)
     assert (student_logits - teacher_logits).abs().max() > 1e-3
+
+
+def test_teacher_modes_live_ema_and_full_finetune_swap_in_and_back(world):
+    model, tokenizer = load_lora_model(world)
+    params = opsd.trainable_parameters(model)
+    with torch.no_grad():
+        for p in params:  # a trained adapter: every LoRA matrix non-zero
+            p.normal_(0, 0.5)
+    ids = torch.tensor([prompts.student_prompt_ids(tokenizer, "What is 123*4?")])
+    model.eval()
+    logits = lambda: model(input_ids=ids).logits
+    with torch.no_grad():
+        student = logits()
+        with model.disable_adapter():
+            base = logits()
+        with opsd.teacher_context(model, loss_args(teacher="live"), None):
+            live = logits()
+        # EMA: the copy's weights are used inside the context, and the trained ones are back, exactly, after
+        ema_copy = [torch.zeros_like(p) for p in params]  # zero LoRA weights = the base model
+        before = [p.detach().clone() for p in params]
+        with opsd.teacher_context(model, loss_args(teacher="ema"), ema_copy):
+            ema = logits()
+        after = [p.detach().clone() for p in params]
+    assert torch.equal(live, student) and not torch.allclose(student, base)
+    assert torch.allclose(ema, base, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(torch.count_nonzero(c) == 0 for c in ema_copy)  # the copy is swapped back too
+    # full fine-tuning with a fixed teacher: the frozen initial copy is swapped in the same way
+    full = opsd.load_model(opsd.get_parser().parse_args(["--model", world["model"], "--full-finetune"]), torch.device("cpu"))[0]
+    full.eval()
+    initial = [p.detach().clone() for p in opsd.trainable_parameters(full)]
+    with torch.no_grad():
+        initial_logits = full(input_ids=ids).logits
+        for p in opsd.trainable_parameters(full):
+            p.add_(0.1)
+        fixed_full = opsd.get_parser().parse_args(["--teacher", "fixed", "--full-finetune"])
+        with opsd.teacher_context(full, fixed_full, initial):
+            teacher_logits = full(input_ids=ids).logits
+    assert torch.equal(teacher_logits, initial_logits)
 
 
 def test_a_few_steps_lower_the_divergence(world):

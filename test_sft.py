@@ -3,7 +3,7 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import opsd
 import prompts
@@ -13,13 +13,8 @@ import toy
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("sft_model"))
-    tok = AutoTokenizer.from_pretrained(toy.build_tokenizer(d))
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(toy.model_config(tok, hidden=32, layers=2, heads=2)).save_pretrained(d)
-    data = os.path.join(d, "train.jsonl")
-    toy.write_jsonl(data, toy.make_records("train", 16, 0))
-    return d, tok, data
+    world = toy.build_tiny(tmp_path_factory.mktemp("sft"), n_problems=16)
+    return world["model"], world["tokenizer"], world["data"]
 
 
 def test_loss_covers_exactly_the_assistant_tokens_and_the_eos(tiny):
