@@ -11,7 +11,7 @@ Evaluate a base model or a trained adapter on the paper's benchmarks: avg@n, pas
      then means per benchmark and over the problems of all benchmarks.
 Every sample is appended to samples.jsonl as soon as its problem is done, so a stopped run keeps its work
 and `--resume` samples only what is missing (and gives the same summary). `run_eval` is also the
-periodic eval of the training scripts (opsd.maybe_eval).
+periodic eval of the training scripts (opsd.end_step).
 
 Departures from the official OPSD eval code:
   - the prompt is the training prompt (the official code worded its training and eval prompts differently);

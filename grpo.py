@@ -32,9 +32,9 @@ import torch
 import torch.distributed as dist
 
 import prompts
-from opsd import (batch_indices, build_batch, chunked_loss, common_parser, completion_hidden, end_step, gather_metrics,
-                  lm_parts, make_optimizer, make_sampler, optimizer_step, parse_config, print0, resume_run,
-                  sequence_mean_weights, setup_run)
+from opsd import (batch_indices, build_batch, chunked_loss, common_parser, completion_hidden, end_step,
+                  gather_metrics, lm_parts, make_optimizer, make_sampler, optimizer_step, parse_config, print0,
+                  resume_run, sequence_mean_weights, setup_run, upcast)
 
 # -----------------------------------------------------------------------------
 # advantages: the group is the baseline (no value network)
@@ -54,7 +54,7 @@ def group_advantages(rewards, eps=1e-4):
 
 def token_logprobs(logits, targets, temperature):
     """log p(target) under softmax(logits / T), the distribution that sampled the rollout. (C,)"""
-    logits = logits if logits.dtype == torch.float64 else logits.float()
+    logits = upcast(logits)
     return (logits / (temperature if temperature > 0 else 1.0)).log_softmax(-1).gather(-1, targets[:, None])[:, 0]
 
 

@@ -366,12 +366,17 @@ def sequence_mean_weights(lengths, n_sequences):
 # computes the chunk's gradient, so backward only scales the stored gradient. Peak ~ chunk x vocab.
 
 
+def upcast(x):
+    """Softmax math in fp32 at least (bf16 logits on GPU); float64 stays float64 (exactness tests)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def generalized_jsd(student_logits, teacher_logits, beta):
     """Generalized JSD_beta(p_T || p_S) per position, over the last dim (the vocabulary). (...,)
     beta=0: forward KL(p_T || p_S); beta=1: reverse KL(p_S || p_T); else Eq. 6,
     beta KL(p_T || m) + (1 - beta) KL(p_S || m) with m = beta p_T + (1 - beta) p_S."""
-    logp_student = F.log_softmax(student_logits.float(), dim=-1)
-    logp_teacher = F.log_softmax(teacher_logits.float(), dim=-1)
+    logp_student = F.log_softmax(upcast(student_logits), dim=-1)
+    logp_teacher = F.log_softmax(upcast(teacher_logits), dim=-1)
     if beta == 0:
         return (logp_teacher.exp() * (logp_teacher - logp_student)).sum(-1)
     if beta == 1:
@@ -388,7 +393,7 @@ class _ChunkedLoss(torch.autograd.Function):
         need_grad = (hidden.requires_grad, weight.requires_grad)
         grad_hidden = torch.zeros_like(hidden) if need_grad[0] else None
         grad_weight = torch.zeros_like(weight) if need_grad[1] else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             with torch.enable_grad():
@@ -428,8 +433,8 @@ def opsd_token_fn(args, teacher_weight):
     temperature = args.temperature if args.temperature > 0 else 1.0
 
     def token_fn(student_logits, teacher_hidden, targets):
-        student_logits = student_logits.float() / temperature
-        teacher_logits = (teacher_hidden @ teacher_weight.T).float() / temperature  # (C, V), no grad
+        student_logits = upcast(student_logits) / temperature
+        teacher_logits = upcast(teacher_hidden @ teacher_weight.T) / temperature  # (C, V), no grad
         if args.loss == "sampled":
             logp_student = student_logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
             logp_teacher = teacher_logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
@@ -620,17 +625,6 @@ def optimizer_step(run, args, step, loss):
     return loss, grad_norm, lr
 
 
-def maybe_eval(run, args, step, sampler, last):
-    """eval.run_eval every --eval-every steps and at the end, on --eval-data; returns its summary."""
-    if not args.eval_every or not args.eval_data or not ((step + 1) % args.eval_every == 0 or last):
-        return None
-    from eval import run_eval  # imported here: eval.py imports this file
-    sampler.update(run.model, step + 1)
-    records = prompts.load_records(args.eval_data, None, require=("problem", "answer"))
-    return run_eval(run.model, run.tokenizer, records, sampler, n=args.eval_samples, temperature=args.eval_temperature,
-                    top_p=1.0, max_new_tokens=args.max_new_tokens, thinking=args.thinking, rank=run.rank, world=run.world)
-
-
 def resume_run(run, args):
     """--resume: weights, optimizer, schedule and RNG as they were; returns (start step, saved trainer state)."""
     if not args.resume:
@@ -641,10 +635,15 @@ def resume_run(run, args):
 
 
 def end_step(run, args, step, sampler, extra_state):
-    """After a step's update and log line: eval, checkpoint. True when the run stops here (--stop-after)."""
+    """After a step's update and log line: eval.run_eval every --eval-every steps and at the end (on
+    --eval-data), then the checkpoint. True when the run stops here (--stop-after)."""
     last, stop = step + 1 == run.total_steps, step + 1 == args.stop_after
-    evaluation = maybe_eval(run, args, step, sampler, last) if sampler else None
-    if evaluation:
+    if sampler and args.eval_every and args.eval_data and ((step + 1) % args.eval_every == 0 or last):
+        from eval import run_eval  # imported here: eval.py imports this file
+        sampler.update(run.model, step + 1)
+        records = prompts.load_records(args.eval_data, None, require=("problem", "answer"))
+        evaluation = run_eval(run.model, run.tokenizer, records, sampler, n=args.eval_samples, temperature=args.eval_temperature,
+                              top_p=1.0, max_new_tokens=args.max_new_tokens, thinking=args.thinking, rank=run.rank, world=run.world)
         run.logger.log({"step": step + 1, "eval": evaluation}, f"eval at step {step + 1}: {json.dumps(evaluation)}")
     if (step + 1) % args.save_every == 0 or last or stop:
         save_checkpoint(args.out_dir, step + 1, run.model, run.tokenizer, run.optimizer, run.scheduler, extra_state,

@@ -60,7 +60,7 @@ def tokenize_examples(records, tokenizer, thinking, max_length):
 
 
 def cross_entropy_token_fn(logits, targets):
-    return {"loss": F.cross_entropy(logits.float(), targets, reduction="none")}
+    return {"loss": F.cross_entropy(opsd.upcast(logits), targets, reduction="none")}
 
 
 def sft_loss(model, examples, device, pad_id, chunk_size, normalizer, stats=None):
