@@ -299,8 +299,8 @@ def main(argv=None):
     result = {"student_before": before, "student_after": after, "teacher": teacher, "steps": steps,
               "generated_tokens": summary["generated_tokens_total"], "seconds": time.time() - t0}
     print(f"\nheld-out greedy accuracy ({len(prompts.load_records(p['test']))} problems)\n"
-          f"  student, warm start        {before:6.1%}\n  student, after {steps:3d} OPSD steps {after:6.1%}\n"
-          f"  teacher (reference shown)  {teacher:6.1%}\n"
+          f"  {'student, warm start':32} {before:6.1%}\n  {f'student, after {steps} OPSD steps':32} {after:6.1%}\n"
+          f"  {'teacher (reference shown)':32} {teacher:6.1%}\n"
           f"{result['generated_tokens']:,} generated tokens, {result['seconds']:.0f}s (excluding prepare)")
     return result
 
