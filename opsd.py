@@ -657,6 +657,10 @@ def gather_metrics(run, values):
     reduced = all_reduce_mean(torch.tensor([float(values[k]) for k in keys], device=run.device, dtype=torch.float64), run.world)
     return dict(zip(keys, reduced.tolist()))
 
+# -----------------------------------------------------------------------------
+# the OPSD run, top to bottom
+
+
 def main(argv=None):
     # 1. config
     args = parse_config(get_parser(), "opsd", argv)
