@@ -260,8 +260,7 @@ def run_eval(model, tokenizer, records, sampler, n, temperature, top_p, max_new_
 
 
 def resolve_adapter(path):
-    if os.path.exists(os.path.join(path, "latest")):  # a run dir: its latest checkpoint
-        path = os.path.join(path, open(os.path.join(path, "latest")).read().strip())
+    path = opsd.follow_latest(path)  # a run dir: its latest checkpoint
     if not os.path.exists(os.path.join(path, "adapter_config.json")):
         raise FileNotFoundError(f"--adapter {path}: no adapter_config.json there (for a --full-finetune run pass the checkpoint as --model)")
     return path
@@ -281,8 +280,7 @@ def make_eval_sampler(args, tokenizer, rank, world, device):
     if args.adapter:
         with open(os.path.join(args.adapter, "adapter_config.json")) as f:
             lora_rank = json.load(f)["r"]
-    # vLLM accepts max_lora_rank 8, 16, 32, ...: round the adapter's rank up
-    config = argparse.Namespace(model=args.model, lora_r=max(8, 1 << (lora_rank - 1).bit_length()), full_finetune=False,
+    config = argparse.Namespace(model=args.model, lora_r=lora_rank, full_finetune=False,  # VLLMSampler rounds it up
                                 seed=args.seed, vllm_gpu_memory=args.vllm_gpu_memory, out_dir=args.out_dir, sampler=args.sampler)
     sampler = opsd.make_sampler(config, None, tokenizer, rank, world, device)
     if not isinstance(sampler, opsd.VLLMSampler):

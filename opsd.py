@@ -523,10 +523,14 @@ def save_checkpoint(out_dir, step, model, tokenizer, optimizer, scheduler, extra
     return path
 
 
-def resolve_checkpoint(path):
+def follow_latest(path):
+    """An out dir stands for its latest checkpoint (the name in its `latest` file); anything else for itself."""
     latest = os.path.join(path, "latest")
-    if os.path.exists(latest):
-        path = os.path.join(path, open(latest).read().strip())
+    return os.path.join(path, open(latest).read().strip()) if os.path.exists(latest) else path
+
+
+def resolve_checkpoint(path):
+    path = follow_latest(path)
     if not os.path.exists(os.path.join(path, "trainer_state.pt")):
         raise FileNotFoundError(f"--resume {path}: no trainer_state.pt there (not a checkpoint, nor an out dir with one)")
     return path

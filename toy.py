@@ -241,7 +241,7 @@ def prepare(cache=None, warm_steps=350, n_train=4000, n_test=256, hidden=128, la
               "--max-steps", "600", "--stop-after", str(warm_steps), "--batch-size", "64", "--micro-batch-size", "16", "--lr", "3e-3",
               "--warmup-ratio", "0.05", "--weight-decay", "0.01", "--chunk-size", "8192",
               "--out-dir", out, "--save-every", str(warm_steps), "--keep", "1"])
-    final = os.path.join(out, open(os.path.join(out, "latest")).read().strip())
+    final = opsd.follow_latest(out)
     shutil.rmtree(p["warm"], ignore_errors=True)
     shutil.copytree(final, p["warm"], ignore=shutil.ignore_patterns("trainer_state.pt", "rng_rank*.pt"))
     shutil.rmtree(out)
