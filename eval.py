@@ -11,7 +11,7 @@ Evaluate a base model or a trained adapter on the paper's benchmarks: avg@n, pas
      then means per benchmark and over the problems of all benchmarks.
 Every sample is appended to samples.jsonl as soon as its problem is done, so a stopped run keeps its work
 and `--resume` samples only what is missing (and gives the same summary). `run_eval` is also the
-periodic eval of the training scripts (opsd.end_step).
+periodic eval of the training scripts (common.end_step).
 
 Departures from the official OPSD eval code:
   - the prompt is the training prompt (the official code worded its training and eval prompts differently);
@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import common
 import opsd
 import prompts
 
@@ -260,7 +261,7 @@ def run_eval(model, tokenizer, records, sampler, n, temperature, top_p, max_new_
 
 
 def resolve_adapter(path):
-    path = opsd.follow_latest(path)  # a run dir: its latest checkpoint
+    path = common.follow_latest(path)  # a run dir: its latest checkpoint
     if not os.path.exists(os.path.join(path, "adapter_config.json")):
         raise FileNotFoundError(f"--adapter {path}: no adapter_config.json there (for a --full-finetune run pass the checkpoint as --model)")
     return path
@@ -306,7 +307,7 @@ def format_table(summary):
 def main(argv=None):
     # 1. config, distributed init
     args = parse_args(argv)
-    rank, world, device = opsd.init_distributed()
+    rank, world, device = common.init_distributed()
     torch.manual_seed(args.seed + rank)  # HF sampling draws from the global RNG
     # 2. data, first: a broken row fails before any model is loaded
     require = ("problem", "answer", "solution") if args.teacher else ("problem", "answer")
@@ -326,7 +327,7 @@ def main(argv=None):
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     sampler = make_eval_sampler(args, tokenizer, rank, world, device)
-    opsd.print0(f"{len(records)} problems x {args.n} samples | {args.model}" + (f" + {args.adapter}" if args.adapter else "")
+    common.print0(f"{len(records)} problems x {args.n} samples | {args.model}" + (f" + {args.adapter}" if args.adapter else "")
                 + f" | T={args.temperature} top_p={args.top_p} thinking={args.thinking} | {type(sampler).__name__} | {world} ranks")
     # 4. sample, grade, summarize
     summary = run_eval(getattr(sampler, "model", None), tokenizer, records, sampler, args.n, args.temperature, args.top_p,

@@ -12,8 +12,8 @@ For each problem x with a gold answer a:
      tokens, then over rollouts (as DeepSeekMath Eq. 3, and as opsd.py averages its loss).
 
 Where this departs from the paper and the official code (and why):
-  - the same prompts, sampler, sequence packing, chunked loss, schedule and checkpoints as opsd.py:
-    a comparison of the two measures the algorithm, not the plumbing;
+  - the same prompts, sampler, sequence packing and chunked loss as opsd.py, and the same schedule
+    and checkpoints (common.py): a comparison of the two measures the algorithm, not the plumbing;
   - log-probs are taken at the sampling temperature (logits / T), as opsd.py does, so the policy
     in the loss is the one that sampled;
   - no KL term by default (--kl-beta 0, as in DAPO; it also saves the reference forward);
@@ -32,9 +32,9 @@ import torch
 import torch.distributed as dist
 
 import prompts
-from opsd import (batch_indices, build_batch, chunked_loss, common_parser, completion_hidden, end_step,
-                  gather_metrics, lm_parts, make_optimizer, make_sampler, optimizer_step, parse_config, print0,
-                  resume_run, sequence_mean_weights, setup_run, upcast)
+from common import end_step, gather_metrics, make_optimizer, optimizer_step, print0, resume_run
+from opsd import (batch_indices, build_batch, chunked_loss, common_parser, completion_hidden, lm_parts, make_sampler,
+                  parse_config, sequence_mean_weights, setup_run, upcast)
 
 # -----------------------------------------------------------------------------
 # advantages: the group is the baseline (no value network)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import common
 import opsd
 import prompts
 
@@ -80,12 +81,12 @@ def main(argv=None):
     run = opsd.setup_run(args, require=("problem", "solution"), from_scratch=args.from_scratch)
     model, tokenizer = run.model, run.tokenizer
     examples = tokenize_examples(run.records, tokenizer, args.thinking, args.max_length)
-    start_step, state = opsd.resume_run(run, args)
+    start_step, state = common.resume_run(run, args)
     trained_total = state.get("trained_tokens", 0)
     # 5. a sampler only for --eval-every
     sampler = opsd.make_sampler(args, model, tokenizer, run.rank, run.world, run.device) if args.eval_every else None
     per_rank = args.batch_size // run.world
-    opsd.print0(f"{len(examples)} examples | {run.total_steps} steps x {args.batch_size} ({run.world} ranks x {per_rank}, "
+    common.print0(f"{len(examples)} examples | {run.total_steps} steps x {args.batch_size} ({run.world} ranks x {per_rank}, "
                 f"micro-batch {args.micro_batch_size}) | {sum(p.numel() for p in run.params):,} trainable parameters")
     summary = {}
     for step in range(start_step, run.total_steps):
@@ -102,9 +103,9 @@ def main(argv=None):
             loss.backward()
             loss_sum += loss.item()
         # 8. update
-        loss, grad_norm, lr = opsd.optimizer_step(run, args, step, loss_sum)
+        loss, grad_norm, lr = common.optimizer_step(run, args, step, loss_sum)
         # 9. log, eval, checkpoint
-        trained = int(opsd.gather_metrics(run, {"tokens": n_tokens})["tokens"] * run.world)
+        trained = int(common.gather_metrics(run, {"tokens": n_tokens})["tokens"] * run.world)
         trained_total += trained
         elapsed = time.time() - t0
         summary = {"step": step + 1, "loss": loss, "trained_tokens": trained, "trained_tokens_total": trained_total,
@@ -112,7 +113,7 @@ def main(argv=None):
                    "grad_norm": grad_norm, "time_step": elapsed}
         run.logger.log(summary, f"step {step + 1}/{run.total_steps} | loss {loss:.4f} | {trained} tokens | "
                                 f"{summary['tokens_per_s']:.0f} tok/s | step {elapsed:.2f}s | lr {summary['lr']:.2e}")
-        if opsd.end_step(run, args, step, sampler, {"trained_tokens": trained_total}):
+        if common.end_step(run, args, step, sampler, {"trained_tokens": trained_total}):
             break
     if run.world > 1:
         dist.destroy_process_group()

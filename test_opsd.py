@@ -3,6 +3,7 @@ data parallelism, resume, the NaN stop and the command line. CPU only, tiny mode
 
   python -m pytest -q test_opsd.py
 """
+import json
 import math
 import os
 from contextlib import nullcontext
@@ -14,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 import opsd
 import prompts
 import toy
@@ -441,14 +443,14 @@ class StopAfter(Exception):
 
 def stop_after_checkpoint(monkeypatch, at_step, action):
     """Run `action` right after opsd.main writes the checkpoint of step `at_step` (1-based)."""
-    real = opsd.save_checkpoint
+    real = common.save_checkpoint
 
     def save_checkpoint(out_dir, step, *args, **kwargs):
         path = real(out_dir, step, *args, **kwargs)
         if step == at_step:
             action()
         return path
-    monkeypatch.setattr(opsd, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(common, "save_checkpoint", save_checkpoint)
 
 
 def test_resume_continues_exactly(world, tmp_path, monkeypatch):
@@ -470,6 +472,19 @@ def test_resume_continues_exactly(world, tmp_path, monkeypatch):
     assert any(not torch.equal(at_two[name], split[name]) for name in split)  # steps 3-4 did train
 
 
+def test_resume_from_an_earlier_checkpoint_logs_each_step_once(world, tmp_path):
+    out = tmp_path / "run"
+    opsd.main(run_args(world, out, "--max-steps", "4", "--save-every", "2"))
+    first = [json.loads(line) for line in open(out / "log.jsonl")]
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 0.')  # a line cut short by a crash
+    opsd.main(run_args(world, out, "--max-steps", "4", "--save-every", "2", "--resume", str(out / "checkpoint-000002")))
+    again = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in first] == [r["step"] for r in again] == [1, 2, 3, 4]
+    assert again[:2] == first[:2]
+    assert [r["loss"] for r in again[2:]] == [r["loss"] for r in first[2:]]  # steps 3-4 re-run exactly
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(world, tmp_path, monkeypatch):
     poisoned = {"on": False}
     stop_after_checkpoint(monkeypatch, 2, lambda: poisoned.update(on=True))
@@ -479,7 +494,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(world, tmp_path, mon
     with pytest.raises(FloatingPointError, match=r"step 3\b"):
         opsd.main(run_args(world, out, "--max-steps", "4", "--save-every", "2"))
     assert sorted(os.listdir(out)) == ["checkpoint-000002", "latest", "log.jsonl"]
-    checkpoint = opsd.resolve_checkpoint(str(out))
+    checkpoint = common.resolve_checkpoint(str(out))
     assert checkpoint.endswith("checkpoint-000002")
     assert torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)["step"] == 2
     assert all(torch.isfinite(v).all() for v in adapter_weights(checkpoint).values())

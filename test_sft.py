@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import common
 import opsd
 import prompts
 import sft
@@ -69,7 +70,7 @@ def test_from_scratch_trains_all_weights_from_a_config(tiny, tmp_path):
     out = tmp_path / "run"
     sft.main(["--model", str(config_dir), "--from-scratch", "--data", data, "--max-steps", "3", "--batch-size", "4",
               "--micro-batch-size", "4", "--lr", "1e-3", "--out-dir", str(out), "--save-every", "3"])
-    trained = AutoModelForCausalLM.from_pretrained(opsd.resolve_checkpoint(str(out)))  # a full model, no adapter
+    trained = AutoModelForCausalLM.from_pretrained(common.resolve_checkpoint(str(out)))  # a full model, no adapter
     assert sum(p.numel() for p in trained.parameters()) > 10_000
     assert not hasattr(trained, "peft_config")
 
@@ -83,8 +84,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny, tmp_path):
     sft.main(base + ["--max-steps", "4", "--stop-after", "2", "--out-dir", str(tmp_path / "split")])
     sft.main(base + ["--max-steps", "4", "--out-dir", str(tmp_path / "split"), "--resume", str(tmp_path / "split")])
     from safetensors.torch import load_file
-    a = load_file(os.path.join(opsd.resolve_checkpoint(str(tmp_path / "straight")), "adapter_model.safetensors"))
-    b = load_file(os.path.join(opsd.resolve_checkpoint(str(tmp_path / "split")), "adapter_model.safetensors"))
+    a = load_file(os.path.join(common.resolve_checkpoint(str(tmp_path / "straight")), "adapter_model.safetensors"))
+    b = load_file(os.path.join(common.resolve_checkpoint(str(tmp_path / "split")), "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)

@@ -24,6 +24,7 @@ import random
 import sys
 import time
 
+import common
 import opsd
 import prompts
 
@@ -241,7 +242,7 @@ def prepare(cache=None, warm_steps=350, n_train=4000, n_test=256, hidden=128, la
               "--max-steps", "600", "--stop-after", str(warm_steps), "--batch-size", "64", "--micro-batch-size", "16", "--lr", "3e-3",
               "--warmup-ratio", "0.05", "--weight-decay", "0.01", "--chunk-size", "8192",
               "--out-dir", out, "--save-every", str(warm_steps), "--keep", "1"])
-    final = opsd.follow_latest(out)
+    final = common.follow_latest(out)
     shutil.rmtree(p["warm"], ignore_errors=True)
     shutil.copytree(final, p["warm"], ignore=shutil.ignore_patterns("trainer_state.pt", "rng_rank*.pt"))
     shutil.rmtree(out)
@@ -295,7 +296,7 @@ def main(argv=None):
     extra = ["--batch-size", "8", "--micro-batch-size", "8"] if args.quick else []
     summary = opsd.main(["--preset", "toy", "--max-steps", str(steps), "--out-dir", args.out_dir, "--eval-every", "0",
                          "--seed", str(args.seed), "--save-every", str(steps)] + extra)
-    after = accuracy(p["warm"], p["test"], adapter=opsd.resolve_checkpoint(args.out_dir))
+    after = accuracy(p["warm"], p["test"], adapter=common.resolve_checkpoint(args.out_dir))
     result = {"student_before": before, "student_after": after, "teacher": teacher, "steps": steps,
               "generated_tokens": summary["generated_tokens_total"], "seconds": time.time() - t0}
     print(f"\nheld-out greedy accuracy ({len(prompts.load_records(p['test']))} problems)\n"
