@@ -328,7 +328,7 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     sampler = make_eval_sampler(args, tokenizer, rank, world, device)
     common.print0(f"{len(records)} problems x {args.n} samples | {args.model}" + (f" + {args.adapter}" if args.adapter else "")
-                + f" | T={args.temperature} top_p={args.top_p} thinking={args.thinking} | {type(sampler).__name__} | {world} ranks")
+                  + f" | T={args.temperature} top_p={args.top_p} thinking={args.thinking} | {type(sampler).__name__} | {world} ranks")
     # 4. sample, grade, summarize
     summary = run_eval(getattr(sampler, "model", None), tokenizer, records, sampler, args.n, args.temperature, args.top_p,
                        args.max_new_tokens, args.thinking, rank, world, out_path=os.path.join(args.out_dir, "samples.jsonl"),

@@ -87,7 +87,7 @@ def main(argv=None):
     sampler = opsd.make_sampler(args, model, tokenizer, run.rank, run.world, run.device) if args.eval_every else None
     per_rank = args.batch_size // run.world
     common.print0(f"{len(examples)} examples | {run.total_steps} steps x {args.batch_size} ({run.world} ranks x {per_rank}, "
-                f"micro-batch {args.micro_batch_size}) | {sum(p.numel() for p in run.params):,} trainable parameters")
+                  f"micro-batch {args.micro_batch_size}) | {sum(p.numel() for p in run.params):,} trainable parameters")
     summary = {}
     for step in range(start_step, run.total_steps):
         t0 = time.time()
