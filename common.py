@@ -3,8 +3,8 @@ The run plumbing that opsd.py, sft.py and grpo.py share, so each script keeps on
 torchrun helpers (NCCL on GPU, gloo on CPU), the optimizer and its schedule, the update step, logging,
 checkpoints and exact resume, and the end of a step (periodic eval, then the checkpoint).
 
-Read opsd.py first: its main() calls these in order (setup_run -> resume_run -> ... -> optimizer_step ->
-Logger.log -> end_step). Nothing here knows about OPSD, GRPO or SFT.
+Read opsd.py first: opsd.setup_run calls init_distributed, make_optimizer and Logger, then main() calls
+resume_run, and per step optimizer_step, Logger.log and end_step. Nothing here knows about OPSD, GRPO or SFT.
 """
 import glob
 import json
