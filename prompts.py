@@ -1,10 +1,11 @@
 """Prompts, data and the answer grader shared by every script (OPSD, GRPO, SFT, eval).
 
-1. templates: the student sees the problem; the teacher (the same model) also sees a reference solution.
-   Both end with the same instruction, so the two prompts end in the same assistant prefix.
+1. templates: the student sees the problem; the teacher (the same model) also sees privileged context, the
+   reference solution or only its final answer. Both end with the same instruction, so the two prompts end in
+   the same assistant prefix.
 2. token ids: prompts are tokenised once, here, and rollouts are appended as ids (never re-tokenised).
 3. data: `load_records` maps a benchmark key, a local .jsonl/.json/.parquet file or a Hugging Face id
-   to rows {"id", "problem", "solution", "answer"}.
+   to rows {"id", "problem", "solution", "answer"}; `UserError` is the error for a bad option, file or record.
 4. answer extraction: the last \\boxed{...} (or \\fbox{...}) of a completion.
 5. grader: `grade(completion, gold)` is math-verify (gold first, prediction parsed LaTeX-only) or'ed with
    a normalised string compare. math-verify runs in a persistent worker subprocess: that is the only way
@@ -29,18 +30,27 @@ from decimal import Decimal
 # 1. prompt templates
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-TRANSITION = ("After understanding the reference solution, please try to solve this problem on your own: "
-              "reason it through in your own words, without copying the reference solution.")
+# what the teacher sees beside the problem (the paper: privileged information "such as the ground-truth answer
+# or a reference chain-of-thought"), and the transition that asks it to solve the problem itself
+TEACHER_CONTEXTS = {
+    "solution": ("Here is a reference solution:\n{solution}",
+                 "After understanding the reference solution, please try to solve this problem on your own: "
+                 "reason it through in your own words, without copying the reference solution."),
+    "answer": ("The final answer is {answer}.",
+               "Knowing the final answer, please try to solve this problem on your own: reason it through step by step."),
+}
 
 
 def student_messages(problem: str) -> list[dict]:
     return [{"role": "user", "content": f"{problem}\n\n{INSTRUCTION}"}]
 
 
-def teacher_messages(problem: str, solution: str) -> list[dict]:
-    # the privileged context sits between the problem and the instruction, so both prompts end alike
-    content = f"{problem}\n\nHere is a reference solution:\n{solution}\n\n{TRANSITION}\n\n{INSTRUCTION}"
-    return [{"role": "user", "content": content}]
+def teacher_messages(record: dict, context: str = "solution") -> list[dict]:
+    """The teacher's view of a record {problem, solution, answer}: the privileged context sits between the
+    problem and the instruction, so the teacher's prompt ends exactly as the student's does."""
+    shown, transition = TEACHER_CONTEXTS[context]
+    privileged = shown.format(solution=record.get("solution"), answer=record.get("answer"))
+    return [{"role": "user", "content": f"{record['problem']}\n\n{privileged}\n\n{transition}\n\n{INSTRUCTION}"}]
 
 # -----------------------------------------------------------------------------
 # 2. token ids
@@ -58,8 +68,10 @@ def student_prompt_ids(tokenizer, problem, thinking=False) -> list[int]:
     return chat_prompt_ids(tokenizer, student_messages(problem), thinking)
 
 
-def teacher_prompt_ids(tokenizer, problem, solution, thinking=False) -> list[int]:
-    return chat_prompt_ids(tokenizer, teacher_messages(problem, solution), thinking)
+def teacher_prompt_ids(tokenizer, record, thinking=False, context="solution") -> list[int]:
+    """The one place a teacher prompt is made (opsd.py, eval.py --teacher-prompt, sft.py's teacher-format
+    examples, toy.py). context: "solution" (the reference solution) or "answer" (only the final answer)."""
+    return chat_prompt_ids(tokenizer, teacher_messages(record, context), thinking)
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -88,25 +100,38 @@ BENCHMARKS = {"aime24": ("HuggingFaceH4/aime_2024", "train"), "aime25": ("yentin
               "math500": ("HuggingFaceH4/MATH-500", "test")}
 PROBLEM_COLUMNS = ("problem", "Question", "question", "prompt")
 ANSWER_COLUMNS = ("answer", "Answer")
+FILE_FORMATS = (".jsonl", ".json", ".parquet")
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {line_number} is not valid JSON ({e})") from e
-    return rows
+class UserError(ValueError):
+    """A bad option, file or record, with a message that names it. Every script prints it as one line and
+    exits with status 2 (common.run_script): the user has something to fix, not a bug to report."""
+
+
+def read_jsonl(path: str, torn_tail_ok: bool = False) -> tuple[list[dict], int]:
+    """(rows, bytes of complete lines) of a JSON-lines file; a bad line is an error naming the file and line.
+    torn_tail_ok: a last line without its newline is a writer killed mid-line (a log, a samples file): it is
+    left out, and the byte count lets the caller cut it off before appending. Otherwise it is a row."""
+    rows, complete = [], 0
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if torn_tail_ok and not line.endswith(b"\n"):
+                break
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}: line {number} is not valid JSON ({e})") from e
+            complete += len(line)
+    return rows, complete
 
 
 def _read_rows(source: str, split: str | None) -> list[dict]:
-    if source.endswith((".jsonl", ".json", ".parquet")):
+    if os.path.exists(source) or source.endswith(FILE_FORMATS) or source.startswith((".", "/", "~")):
         if not os.path.isfile(source):
-            raise FileNotFoundError(f"load_records: no such file {source!r}")
+            raise UserError(f"no such data file {source!r}")
+        if not source.endswith(FILE_FORMATS):
+            raise UserError(f"{source}: unsupported data file format; use one of {', '.join(FILE_FORMATS)}")
         if source.endswith(".parquet"):
             import pyarrow.parquet  # a dependency of datasets; lighter than building a Dataset
             return pyarrow.parquet.read_table(source).to_pylist()
@@ -117,9 +142,9 @@ def _read_rows(source: str, split: str | None) -> list[dict]:
                 try:
                     return json.loads(text)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{source}: not valid JSON ({e})") from e
+                    raise UserError(f"{source}: not valid JSON ({e})") from e
             # otherwise datasets' to_json format: one object per line
-        return _read_jsonl(source)
+        return read_jsonl(source)[0]
     import datasets  # lazily: importing prompts must stay cheap
     hf_id, default_split = BENCHMARKS.get(source, (source, "train"))
     return list(datasets.load_dataset(hf_id, split=split or default_split))
@@ -135,11 +160,13 @@ def _field(row: dict, names) -> str | None:
 
 def load_records(source: str, split: str | None = None, require=("problem", "answer"),
                  limit: int | None = None) -> list[dict]:
+    """Rows {id, problem, solution, answer, reference} from a prompts.BENCHMARKS key, a local .jsonl/.json/
+    .parquet file or a Hugging Face id. A missing or empty required field is an error naming the row."""
     rows = _read_rows(source, split)
     records, dropped = [], 0
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise ValueError(f"{source}: row {index} is a {type(row).__name__}, not an object")
+            raise UserError(f"{source}: row {index} is a {type(row).__name__}, not an object")
         if row.get("answer_type") == "description":
             dropped += 1  # AMO-Bench proof-like answers need an LLM judge, which we do not run
             continue
@@ -151,12 +178,19 @@ def load_records(source: str, split: str | None = None, require=("problem", "ans
             record["answer"] = extract_boxed(solution)  # OPSD train: the gold is the reference's last box
         for name in require:
             if record[name] is None:
-                raise ValueError(f"{source}: row {index} has no {name!r} (columns: {sorted(row)})")
+                columns = {"problem": PROBLEM_COLUMNS, "answer": ANSWER_COLUMNS}.get(name, (name,))
+                present = [c for c in columns if c in row]
+                why = f"its {present[0]!r} is empty" if present else f"it has no {name!r} column (columns: {sorted(row)})"
+                if name == "answer" and solution is not None:
+                    why += " and its solution has no \\boxed{} answer"
+                raise UserError(f"{source}: row {index} has no {name}: {why}")
         records.append(record)
         if limit is not None and len(records) >= limit:
             break
     if dropped:
         print(f"load_records({source}): dropped {dropped} rows with answer_type='description' (need an LLM judge)")
+    if not records:
+        raise UserError(f"{source}: no records" + (f" (all {dropped} need an LLM judge)" if dropped else ""))
     return records
 
 # -----------------------------------------------------------------------------

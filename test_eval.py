@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import eval as evaluate
-import opsd
+import lm
 import prompts
 import toy
 
@@ -39,39 +39,39 @@ def test_pass_at_k_matches_brute_force_enumeration():
             for k in range(1, n + 1):
                 subsets = list(itertools.combinations(correct, k))
                 expected = sum(any(s) for s in subsets) / len(subsets)
-                assert evaluate.pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12), (n, c, k)
+                assert lm.pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12), (n, c, k)
 
 
 def test_pass_at_k_is_stable_for_large_n_and_rejects_bad_input():
-    assert evaluate.pass_at_k(1000, 1, 1) == pytest.approx(0.001)
-    assert 0 < evaluate.pass_at_k(10_000, 3, 16) < 1
+    assert lm.pass_at_k(1000, 1, 1) == pytest.approx(0.001)
+    assert 0 < lm.pass_at_k(10_000, 3, 16) < 1
     with pytest.raises(ValueError):
-        evaluate.pass_at_k(4, 5, 1)
+        lm.pass_at_k(4, 5, 1)
 
 
 def test_maj_at_k_votes_on_normalised_answers_and_breaks_ties_by_first_seen():
     # normalised: \dfrac{1}{2} and \frac{1}{2} are one answer (2 votes) and beat 3 (1 vote)
-    assert evaluate.maj_at_k(["3", "\\dfrac{1}{2}", "\\frac{1}{2}"], [False, True, True], 3) == 1.0
+    assert lm.maj_at_k(["3", "\\dfrac{1}{2}", "\\frac{1}{2}"], [False, True, True], 3) == 1.0
     # a tie: the answer seen first wins
-    assert evaluate.maj_at_k(["5", "7"], [False, True], 2) == 0.0
-    assert evaluate.maj_at_k(["7", "5"], [True, False], 2) == 1.0
+    assert lm.maj_at_k(["5", "7"], [False, True], 2) == 0.0
+    assert lm.maj_at_k(["7", "5"], [True, False], 2) == 1.0
     # only the first k samples vote; samples with no answer do not vote
-    assert evaluate.maj_at_k(["7", "5", "5"], [True, False, False], 1) == 1.0
-    assert evaluate.maj_at_k([None, None, "5"], [False, False, True], 3) == 1.0
-    assert evaluate.maj_at_k([None, None], [False, False], 2) == 0.0
+    assert lm.maj_at_k(["7", "5", "5"], [True, False, False], 1) == 1.0
+    assert lm.maj_at_k([None, None, "5"], [False, False, True], 3) == 1.0
+    assert lm.maj_at_k([None, None], [False, False], 2) == 0.0
 
 
 def test_majority_wrong_while_pass_at_k_right_and_the_averages():
     def rows(answers, gold):
         return [{"extracted": a, "correct": a == gold, "length": 10} for a in answers]
     # the right answer once, a wrong one three times: pass@4 = 1, maj@4 = 0, avg 1/4
-    wrong_majority = evaluate.problem_metrics(rows(["1", "2", "2", "2"], "1"), [1, 2, 4])
+    wrong_majority = lm.problem_metrics(rows(["1", "2", "2", "2"], "1"), [1, 2, 4])
     assert wrong_majority["pass@4"] == 1.0 and wrong_majority["maj@4"] == 0.0 and wrong_majority["correct"] == 1
     assert wrong_majority["pass@1"] == pytest.approx(0.25) and wrong_majority["maj@1"] == 1.0
-    all_right = evaluate.problem_metrics(rows(["1"] * 4, "1"), [1, 2, 4])
-    none_right = evaluate.problem_metrics(rows([None] * 4, "1"), [1, 2, 4])
+    all_right = lm.problem_metrics(rows(["1"] * 4, "1"), [1, 2, 4])
+    none_right = lm.problem_metrics(rows([None] * 4, "1"), [1, 2, 4])
     per_problem = {("a", 0): wrong_majority, ("a", 1): all_right, ("b", 0): none_right}
-    summary = evaluate.reduce_summary(per_problem, ["a", "b"], [1, 2, 4], world=1)
+    summary = lm.reduce_summary(per_problem, ["a", "b"], [1, 2, 4], world=1)
     assert summary["benchmarks"]["a"]["avg"] == pytest.approx(5 / 8)
     assert summary["benchmarks"]["b"]["avg"] == 0.0
     assert summary["avg"] == pytest.approx(5 / 12)  # mean over the 3 problems
@@ -124,7 +124,7 @@ def test_adapter_is_loaded_and_changes_the_outputs(tiny, tmp_path):
     from safetensors.torch import load_file
     adapter = make_adapter(tiny, str(tmp_path / "adapter"))
     saved = load_file(os.path.join(adapter, "adapter_model.safetensors"))
-    loaded = dict(evaluate.load_hf_model(tiny["model"], adapter, torch.device("cpu")).named_parameters())
+    loaded = dict(lm.load_adapter(lm.load_model(tiny["model"], torch.device("cpu"))[0], adapter).named_parameters())
     for name, value in saved.items():
         match = [p for n, p in loaded.items() if n.replace(".default", "") == name]
         assert len(match) == 1 and torch.equal(match[0], value), name
@@ -146,12 +146,12 @@ def test_resume_samples_only_the_missing_problems_and_gives_the_same_summary(tin
         f.writelines(lines[:5])
         f.write(lines[5][:20])
     asked = []
-    generate = opsd.HFSampler.generate
+    generate = lm.HFSampler.generate
 
     def spy(self, prompt_ids, *args, **kwargs):
         asked.extend(prompt_ids)
         return generate(self, prompt_ids, *args, **kwargs)
-    monkeypatch.setattr(opsd.HFSampler, "generate", spy)
+    monkeypatch.setattr(lm.HFSampler, "generate", spy)
     resumed = evaluate.main(cli(tiny, stopped, "--resume"))
     records = prompts.load_records(tiny["data"])
     assert asked == [prompts.student_prompt_ids(tiny["tokenizer"], r["problem"], False) for r in records[2:]]
@@ -163,18 +163,21 @@ def test_resume_samples_only_the_missing_problems_and_gives_the_same_summary(tin
     assert evaluate.main(cli(tiny, stopped, "--resume")) == full and asked == []
 
 
-def test_a_fresh_run_starts_over_in_a_used_out_dir(tiny, tmp_path):
+def test_a_used_out_dir_is_refused_unless_overwrite_or_resume(tiny, tmp_path):
     evaluate.main(cli(tiny, tmp_path))
-    evaluate.main(cli(tiny, tmp_path, "--limit", "2"))
+    with pytest.raises(prompts.UserError, match="holds an earlier run"):
+        evaluate.main(cli(tiny, tmp_path, "--limit", "2"))
+    assert len(read_rows(tmp_path / "samples.jsonl")) == 10  # untouched
+    evaluate.main(cli(tiny, tmp_path, "--limit", "2", "--overwrite"))
     assert len(read_rows(tmp_path / "samples.jsonl")) == 4
 
 
 def test_teacher_prompts_include_the_reference(tiny, tmp_path, monkeypatch):
     asked = []
-    monkeypatch.setattr(opsd.HFSampler, "generate", lambda self, ids, n, *a, **k: asked.extend(ids) or [[[1]] * n for _ in ids])
-    evaluate.main(cli(tiny, tmp_path, "--teacher"))
+    monkeypatch.setattr(lm.HFSampler, "generate", lambda self, ids, n, *a, **k: asked.extend(ids) or [[[1]] * n for _ in ids])
+    evaluate.main(cli(tiny, tmp_path, "--teacher-context", "solution"))
     record = prompts.load_records(tiny["data"])[0]
-    assert asked[0] == prompts.teacher_prompt_ids(tiny["tokenizer"], record["problem"], record["solution"], False)
+    assert asked[0] == prompts.teacher_prompt_ids(tiny["tokenizer"], record, False, "solution")
 
 
 def test_a_row_without_an_answer_is_reported_with_its_index(tiny, tmp_path):
@@ -182,25 +185,25 @@ def test_a_row_without_an_answer_is_reported_with_its_index(tiny, tmp_path):
     del rows[1]["answer"], rows[1]["solution"]
     broken = str(tmp_path / "broken.jsonl")
     toy.write_jsonl(broken, rows)
-    with pytest.raises(ValueError, match=r"broken\.jsonl: row 1 has no 'answer'"):
+    with pytest.raises(prompts.UserError, match=r"broken\.jsonl: row 1 has no answer"):
         evaluate.main(["--model", tiny["model"], "--data", broken, "--out-dir", str(tmp_path / "out")])
 
 
 def test_unknown_benchmark_names_the_option(tiny, tmp_path):
-    with pytest.raises(ValueError, match="--benchmarks: unknown"):
+    with pytest.raises(prompts.UserError, match="--benchmarks: unknown"):
         evaluate.main(["--model", tiny["model"], "--benchmarks", "aime24,nope", "--out-dir", str(tmp_path)])
 
 
 def test_an_adapter_dir_without_adapter_config_names_the_option(tiny, tmp_path):
-    with pytest.raises(FileNotFoundError, match="--adapter"):
+    with pytest.raises(prompts.UserError, match="--adapter"):
         evaluate.main(cli(tiny, tmp_path, "--adapter", str(tmp_path)))
 
 
 def _two_ranks(rank, world, tiny, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    results[rank] = evaluate.run_eval(None, tiny["tokenizer"], tiny["records"], FakeSampler(tiny["tokenizer"]), 3, 1.0,
-                                      1.0, 8, False, rank=rank, world=world)
+    results[rank] = lm.run_eval(tiny["tokenizer"], tiny["records"], FakeSampler(tiny["tokenizer"]), n=3, temperature=1.0,
+                                max_new_tokens=8, thinking=False, rank=rank, world=world)
     torch.distributed.destroy_process_group()
 
 
@@ -224,7 +227,7 @@ def test_ranks_split_the_problems_and_all_return_the_single_process_summary(tiny
 
     import torch.multiprocessing as mp
     records = toy.make_records("test", 7, seed=3)
-    single = evaluate.run_eval(None, tiny["tokenizer"], records, FakeSampler(tiny["tokenizer"]), 3, 1.0, 1.0, 8, False)
+    single = lm.run_eval(tiny["tokenizer"], records, FakeSampler(tiny["tokenizer"]), n=3, temperature=1.0, max_new_tokens=8, thinking=False)
     assert 0 < single["avg"] < 1  # the fake sampler is right on some problems only
     with socket.socket() as s:  # a free port: other test runs may share this machine
         s.bind(("127.0.0.1", 0))

@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import common
 import grpo
-import opsd
+import lm
 import prompts
 import toy
 
@@ -73,12 +74,11 @@ def test_clipped_surrogate_gradient_in_logp(ratio, advantage, binds):
 @pytest.mark.parametrize("ratio,advantage,binds", SURROGATE_CASES)
 def test_token_fn_gradient_in_logits_at_the_sampling_temperature(ratio, advantage, binds):
     # through the logits: d logp(y) / d logits = (onehot(y) - softmax(logits / T)) / T
-    args = grpo.get_parser().parse_args(["--ppo-epochs", "2", "--temperature", "1.5"])
     logits = torch.randn(3, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
     targets = torch.tensor([2, 0, 6])
     logp = (logits.detach() / 1.5).log_softmax(-1).gather(-1, targets[:, None])[:, 0]
     advantages = torch.full((3,), advantage, dtype=torch.float64)
-    out = grpo.grpo_token_fn(args)(logits, targets, advantages, logp - math.log(ratio))
+    out = grpo.grpo_token_fn(temperature=1.5, ppo_epochs=2)(logits, targets, advantages, logp - math.log(ratio))
     out["loss"].sum().backward()
     dloss_dlogp = 0.0 if binds else -ratio * advantage
     expected = dloss_dlogp * (torch.nn.functional.one_hot(targets, 7) - (logits.detach() / 1.5).softmax(-1)) / 1.5
@@ -88,11 +88,10 @@ def test_token_fn_gradient_in_logits_at_the_sampling_temperature(ratio, advantag
 
 def test_one_epoch_is_reinforce_with_ratio_one():
     # --ppo-epochs 1: old_logp is logp.detach(), so the loss is -A and its gradient -A * grad logp
-    args = grpo.get_parser().parse_args(["--temperature", "1.0"])
     logits = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
     targets = torch.tensor([0, 1, 2, 3])
     advantages = torch.tensor([1.0, -1.0, 0.5, 0.0], dtype=torch.float64)
-    out = grpo.grpo_token_fn(args)(logits, targets, advantages)
+    out = grpo.grpo_token_fn(temperature=1.0)(logits, targets, advantages)
     out["loss"].sum().backward()
     torch.testing.assert_close(out["loss"], -advantages)
     expected = -advantages[:, None] * (torch.nn.functional.one_hot(targets, 5) - logits.detach().softmax(-1))
@@ -101,12 +100,11 @@ def test_one_epoch_is_reinforce_with_ratio_one():
 
 
 def test_kl_term_is_k3_to_the_reference():
-    args = grpo.get_parser().parse_args(["--temperature", "1.0", "--kl-beta", "0.1"])
     logits = torch.randn(2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     targets = torch.tensor([1, 4])
     logp = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
     ref_logp = logp + torch.tensor([0.0, 0.3], dtype=torch.float64)
-    out = grpo.grpo_token_fn(args)(logits, targets, torch.zeros(2, dtype=torch.float64), ref_logp)
+    out = grpo.grpo_token_fn(temperature=1.0, kl_beta=0.1)(logits, targets, torch.zeros(2, dtype=torch.float64), ref_logp)
     kl = torch.tensor([0.0, math.exp(0.3) - 0.3 - 1], dtype=torch.float64)
     torch.testing.assert_close(out["kl"], kl)
     torch.testing.assert_close(out["loss"], 0.1 * kl)
@@ -117,7 +115,7 @@ def test_kl_term_is_k3_to_the_reference():
 
 def test_reward_is_prompts_grade_on_decoded_rollouts(world, tmp_path, monkeypatch):
     grade_calls, sampled = [], []
-    real_grade, real_generate = prompts.grade, opsd.HFSampler.generate
+    real_grade, real_generate = prompts.grade, lm.HFSampler.generate
 
     def recording_grade(completion, gold, timeout=5.0):
         real_grade(completion, gold, timeout)  # the real grader accepts what it is given
@@ -129,11 +127,11 @@ def test_reward_is_prompts_grade_on_decoded_rollouts(world, tmp_path, monkeypatc
         sampled.extend(r for group in groups for r in group)
         return groups
     monkeypatch.setattr(prompts, "grade", recording_grade)
-    monkeypatch.setattr(opsd.HFSampler, "generate", recording_generate)
+    monkeypatch.setattr(lm.HFSampler, "generate", recording_generate)
     summary = grpo.main(run_args(world, tmp_path, "--max-steps", "1"))
     tokenizer = world["tokenizer"]
     records = prompts.load_records(world["data"])
-    gold = [records[i]["answer"] for i in opsd.batch_indices(len(records), 0, 2, 0, 0, 1) for _ in range(4)]
+    gold = [records[i]["answer"] for i in common.batch_indices(len(records), 0, 2, 0, 0, 1) for _ in range(4)]
     assert [c for c, _, _ in grade_calls] == [tokenizer.decode(r, skip_special_tokens=True) for r in sampled]
     assert [g for _, g, _ in grade_calls] == gold
     assert len(sampled) == 8
@@ -145,26 +143,25 @@ def test_reward_is_prompts_grade_on_decoded_rollouts(world, tmp_path, monkeypatc
 
 
 def test_update_raises_positive_and_lowers_negative_advantage_rollouts(world):
-    args = grpo.get_parser().parse_args(["--model", world["model"], "--lora-r", "8", "--lora-alpha", "16", "--temperature", "1.0"])
     torch.manual_seed(0)
-    model, tokenizer = opsd.load_model(args, torch.device("cpu"))
+    model, tokenizer = lm.load_model(world["model"], torch.device("cpu"), lora=dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
     prompt = prompts.student_prompt_ids(tokenizer, "What is 123*4?")
     rollouts = [prompts.completion_ids(tokenizer, text) for text in
                 ["3*4+0=12\n\\boxed{492}", "hello world", "\\boxed{7}", "9*9+8=89\n2*4+1=9"]]
     advantages = grpo.group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]])).flatten()  # (+, -, -, +)
-    batch = opsd.build_batch([prompt] * 4, rollouts, tokenizer.pad_token_id, torch.device("cpu"))
+    batch = lm.build_batch([prompt] * 4, rollouts, tokenizer.pad_token_id, torch.device("cpu"))
 
     def sequence_logp():
-        per_token = grpo.rollout_logprobs(model, batch, args.temperature, args.chunk_size)
+        per_token = grpo.rollout_logprobs(model, batch, 1.0, 128)
         return torch.stack([part.sum() for part in per_token.split(batch["lengths"].tolist())])
     before = sequence_logp()
     # a LoRA adapter starts at B = 0, so the first step only moves B: take a few small SGD steps
-    optimizer = torch.optim.SGD(opsd.trainable_parameters(model), lr=0.05)
+    optimizer = torch.optim.SGD(lm.trainable_parameters(model), lr=0.05)
     for _ in range(3):
-        hidden = opsd.completion_hidden(model, batch)
-        weights = opsd.sequence_mean_weights(batch["lengths"], 4)
-        loss = opsd.chunked_loss(hidden, opsd.lm_parts(model)[1], grpo.grpo_token_fn(args), weights,
-                                 (batch["targets"], advantages.repeat_interleave(batch["lengths"])), 16)
+        hidden = lm.completion_hidden(model, batch)
+        weights = lm.sequence_mean_weights(batch["lengths"], 4)
+        loss = lm.chunked_loss(hidden, lm.lm_parts(model)[1], weights, grpo.grpo_token_fn(temperature=1.0),
+                               (batch["targets"], advantages.repeat_interleave(batch["lengths"])), 16)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import lm
 import opsd
 import prompts
 import toy
@@ -40,28 +41,27 @@ def run_args(world, out_dir, *extra):
             "--out-dir", str(out_dir), *extra]
 
 
-def loss_args(**options):
-    """OPSD loss options as opsd.main parses them (temperature 1.1 by default, so the scaling is exercised)."""
-    argv = []
-    for key, value in options.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    return opsd.get_parser().parse_args(argv)
+TEMPERATURE = 1.1  # opsd.py's default: not 1, so the scaling of both logits is exercised
+LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def token_fn(teacher_weight, **options):
+    return opsd.opsd_token_fn(teacher_weight, temperature=options.pop("temperature", TEMPERATURE), **options)
 
 
 def load_lora_model(world):
-    return opsd.load_model(opsd.get_parser().parse_args(["--model", world["model"], "--lora-r", "8", "--lora-alpha", "16"]),
-                           torch.device("cpu"))
+    return lm.load_model(world["model"], torch.device("cpu"), lora=LORA)
 
 
 def capture_run(monkeypatch):
-    """Patch opsd.setup_run so a test can reach the model and the initial trainable weights of opsd.main's run."""
-    captured, real = {}, opsd.setup_run
+    """Patch common.setup_run so a test can reach the model and the initial trainable weights of opsd.main's run."""
+    captured, real = {}, common.setup_run
 
     def setup_run(args, *rest, **kwargs):
         run = real(args, *rest, **kwargs)
         captured["args"], captured["run"], captured["initial"] = args, run, [p.detach().clone() for p in run.params]
         return run
-    monkeypatch.setattr(opsd, "setup_run", setup_run)
+    monkeypatch.setattr(common, "setup_run", setup_run)
     return captured
 
 
@@ -99,8 +99,7 @@ def loss_problem(n=37, hidden=16, vocab=50, seed=0):
 @pytest.mark.parametrize("weight_grad", [False, True], ids=["lora", "full_finetune"])
 def test_chunked_jsd_matches_float64_reference(beta, weight_grad):
     problem = loss_problem()
-    args = loss_args(beta=beta)
-    temperature = args.temperature
+    temperature = TEMPERATURE
     # reference: all N x V logits at once, float64, autograd through the explicit formula
     hidden64 = problem["student_hidden"].double().requires_grad_()
     weight64 = problem["weight"].double().requires_grad_(weight_grad)
@@ -114,8 +113,8 @@ def test_chunked_jsd_matches_float64_reference(beta, weight_grad):
         weight = problem["weight"].clone().requires_grad_(weight_grad)
         stats = {}
         # the teacher's head is a separate tensor without grad, as in opsd.main under full fine-tuning
-        loss = opsd.chunked_loss(hidden, weight, opsd.opsd_token_fn(args, problem["weight"].clone()), problem["token_weights"],
-                                 (problem["teacher_hidden"], problem["targets"]), chunk_size, stats)
+        loss = lm.chunked_loss(hidden, weight, problem["token_weights"], token_fn(problem["weight"].clone(), beta=beta),
+                               (problem["teacher_hidden"], problem["targets"]), chunk_size, stats)
         loss.backward()
         assert abs(loss.item() - loss64.item()) < 1e-5, chunk_size
         assert abs(stats["divergence"] - loss64.item()) < 1e-5, chunk_size
@@ -129,12 +128,11 @@ def test_chunked_jsd_matches_float64_reference(beta, weight_grad):
 def test_chunked_loss_scales_gradient_by_upstream():
     # backward multiplies the stored gradient by the incoming one: 3 * loss has 3x the gradient
     problem = loss_problem(seed=1)
-    args = loss_args(beta=0.5)
     grads = []
     for factor in [1.0, 3.0]:
         hidden = problem["student_hidden"].clone().requires_grad_()
-        loss = opsd.chunked_loss(hidden, problem["weight"], opsd.opsd_token_fn(args, problem["weight"]),
-                                 problem["token_weights"], (problem["teacher_hidden"], problem["targets"]), 8)
+        loss = lm.chunked_loss(hidden, problem["weight"], problem["token_weights"], token_fn(problem["weight"], beta=0.5),
+                               (problem["teacher_hidden"], problem["targets"]), 8)
         (factor * loss).backward()
         grads.append(hidden.grad)
     torch.testing.assert_close(grads[1], 3 * grads[0])
@@ -172,10 +170,9 @@ def test_generalized_jsd_endpoints_are_forward_and_reverse_kl():
 
 def test_sampled_loss_gradient_is_advantage_times_score():
     problem = loss_problem(n=12, seed=4)
-    args = loss_args(loss="sampled")
-    temperature = args.temperature
+    temperature = TEMPERATURE
     student_logits = (problem["student_hidden"] @ problem["weight"].T).requires_grad_()
-    out = opsd.opsd_token_fn(args, problem["weight"])(student_logits, problem["teacher_hidden"], problem["targets"])
+    out = token_fn(problem["weight"], loss="sampled")(student_logits, problem["teacher_hidden"], problem["targets"])
     out["loss"].sum().backward()
     # d/dz [-A log softmax(z / t)_y] = -A (onehot(y) - p_S) / t, with A = log p_T(y) - log p_S(y) held fixed
     with torch.no_grad():
@@ -190,18 +187,18 @@ def test_sampled_loss_gradient_is_advantage_times_score():
     torch.testing.assert_close(out["divergence"], -advantage)
 
 
-def test_clip_caps_the_summed_divergence():
+def test_token_clip_caps_the_summed_divergence():
     problem = loss_problem(n=20, seed=5)
     student_logits = problem["student_hidden"] @ problem["weight"].T
 
-    def per_token_grads(args):
+    def per_token_grads(**options):
         logits = student_logits.clone().requires_grad_()
-        out = opsd.opsd_token_fn(args, problem["weight"])(logits, problem["teacher_hidden"], problem["targets"])
+        out = token_fn(problem["weight"], **options)(logits, problem["teacher_hidden"], problem["targets"])
         grads = [torch.autograd.grad(out["loss"][i], logits, retain_graph=True)[0][i] for i in range(len(logits))]
         return out, torch.stack(grads)
-    free, free_grads = per_token_grads(loss_args(beta=0.5))
+    free, free_grads = per_token_grads(beta=0.5)
     cap = free["divergence"].median().item()
-    clipped, clipped_grads = per_token_grads(loss_args(beta=0.5, clip=cap))
+    clipped, clipped_grads = per_token_grads(beta=0.5, token_clip=cap)
     above = free["divergence"] > cap
     assert 0 < above.sum() < len(above)
     torch.testing.assert_close(clipped["loss"], free["divergence"].clamp(max=cap))
@@ -213,10 +210,9 @@ def test_clip_caps_the_summed_divergence():
 
 def test_top_k_restricts_to_teacher_top_k_renormalised():
     problem = loss_problem(n=20, seed=6)
-    args = loss_args(beta=0.5, top_k=5)
-    temperature = args.temperature
+    temperature = TEMPERATURE
     student_logits = (problem["student_hidden"] @ problem["weight"].T).requires_grad_()
-    out = opsd.opsd_token_fn(args, problem["weight"])(student_logits, problem["teacher_hidden"], problem["targets"])
+    out = token_fn(problem["weight"], beta=0.5, loss_top_k=5)(student_logits, problem["teacher_hidden"], problem["targets"])
     out["loss"].sum().backward()
     # direct: keep the 5 columns where the teacher is highest, renormalise both, JSD on 5 entries
     logits64 = student_logits.detach().double().requires_grad_()
@@ -227,7 +223,7 @@ def test_top_k_restricts_to_teacher_top_k_renormalised():
     torch.testing.assert_close(out["loss"].double(), expected.detach(), atol=1e-6, rtol=0)
     torch.testing.assert_close(student_logits.grad.double(), logits64.grad, atol=1e-6, rtol=0)
     assert (student_logits.grad != 0).sum(-1).max() == 5  # no gradient outside the teacher's top 5
-    full = opsd.opsd_token_fn(loss_args(beta=0.5), problem["weight"])(student_logits.detach(), problem["teacher_hidden"], problem["targets"])
+    full = token_fn(problem["weight"], beta=0.5)(student_logits.detach(), problem["teacher_hidden"], problem["targets"])
     assert (full["loss"] - out["loss"].detach()).abs().max() > 1e-3  # top-k really changed something
 
 # -----------------------------------------------------------------------------
@@ -241,7 +237,7 @@ def test_build_batch_layout_and_length_masking(world):
     prompt_ids = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]
     # completions ending in the pad id and in EOS, one with a pad id inside: all counted by length, not by id
     completions = [[20, 21, pad], [22, eos], [pad, 23, 24, 25, pad]]
-    batch = opsd.build_batch(prompt_ids, completions, pad, torch.device("cpu"))
+    batch = lm.build_batch(prompt_ids, completions, pad, torch.device("cpu"))
     width = max(len(p) + len(c) for p, c in zip(prompt_ids, completions))
     assert batch["input_ids"].shape == (3, width)
     assert batch["lengths"].tolist() == [3, 2, 5]
@@ -258,7 +254,7 @@ def test_build_batch_layout_and_length_masking(world):
         rows = batch["row_pos"][batch["row_batch"] == b]
         assert (batch["input_ids"][b, rows + 1]).tolist() == completion
         assert rows.tolist() == list(range(width - len(completion) - 1, width - 1))
-    weights = opsd.sequence_mean_weights(batch["lengths"], 3)
+    weights = lm.sequence_mean_weights(batch["lengths"], 3)
     assert torch.allclose(weights, torch.tensor([1 / 9] * 3 + [1 / 6] * 2 + [1 / 15] * 5))
 
 
@@ -272,17 +268,16 @@ def test_padded_batch_scores_equal_unpadded(world):
     model.eval()
     records = toy.make_records("train", 3, 1)
     student_prompts = [prompts.student_prompt_ids(tokenizer, r["problem"]) for r in records]
-    teacher_prompts = [prompts.teacher_prompt_ids(tokenizer, r["problem"], r["solution"]) for r in records]
+    teacher_prompts = [prompts.teacher_prompt_ids(tokenizer, r) for r in records]
     assert len({len(p) for p in student_prompts}) > 1 and len({len(p) for p in teacher_prompts}) > 1
     eos = prompts.stop_token_ids(tokenizer)[0]
     completions = [[40, 41, 42, 43, eos], [50, 51, 52, tokenizer.pad_token_id], [60] * 9 + [eos]]
-    _, weight = opsd.lm_parts(model)
-    body, _ = opsd.lm_parts(model)
+    body, weight = lm.lm_parts(model)
     for prompt_ids, adapter in [(student_prompts, True), (teacher_prompts, False)]:
         # pad with the EOS id, as for a tokenizer whose pad is its EOS: masking must be by length
-        batch = opsd.build_batch(prompt_ids, completions, eos, torch.device("cpu"))
+        batch = lm.build_batch(prompt_ids, completions, eos, torch.device("cpu"))
         with torch.no_grad(), (nullcontext() if adapter else model.disable_adapter()):
-            logp_padded = (opsd.completion_hidden(model, batch) @ weight.T).log_softmax(-1)  # (N, V)
+            logp_padded = (lm.completion_hidden(model, batch) @ weight.T).log_softmax(-1)  # (N, V)
             alone = []
             for prompt, completion in zip(prompt_ids, completions):
                 ids = torch.tensor([prompt + completion])
@@ -292,11 +287,11 @@ def test_padded_batch_scores_equal_unpadded(world):
         assert logp_padded.shape == (sum(map(len, completions)), weight.shape[0])
         assert (logp_padded - logp_alone).abs().max().item() < 1e-5, "student" if adapter else "teacher"
     # and the adapter really makes the two scorers differ (so the loop above compared two different models)
-    batch = opsd.build_batch(student_prompts, completions, eos, torch.device("cpu"))
+    batch = lm.build_batch(student_prompts, completions, eos, torch.device("cpu"))
     with torch.no_grad():
-        on = opsd.completion_hidden(model, batch)
+        on = lm.completion_hidden(model, batch)
         with model.disable_adapter():
-            off = opsd.completion_hidden(model, batch)
+            off = lm.completion_hidden(model, batch)
     assert (on - off).abs().max() > 1e-2
 
 # -----------------------------------------------------------------------------
@@ -312,7 +307,7 @@ def test_fixed_teacher_is_bit_identical_after_training(world, tmp_path, monkeypa
     ids = torch.tensor([prompts.student_prompt_ids(world["tokenizer"], "What is 123*4?")])
     model.eval()
     with torch.no_grad():
-        with opsd.teacher_context(model, captured["args"], None):  # the loop's own way to get the teacher
+        with opsd.teacher_weights(model, captured["args"].teacher_weights, False, None):  # the loop's own way to get the teacher
             teacher_logits = model(input_ids=ids).logits
         student_logits = model(input_ids=ids).logits
         initial_logits = initial(input_ids=ids).logits
@@ -329,7 +324,7 @@ def test_fixed_teacher_is_bit_identical_after_training(world, tmp_path, monkeypa
 
 def test_teacher_modes_live_ema_and_full_finetune_swap_in_and_back(world):
     model, tokenizer = load_lora_model(world)
-    params = opsd.trainable_parameters(model)
+    params = lm.trainable_parameters(model)
     with torch.no_grad():
         for p in params:  # a trained adapter: every LoRA matrix non-zero
             p.normal_(0, 0.5)
@@ -340,12 +335,12 @@ def test_teacher_modes_live_ema_and_full_finetune_swap_in_and_back(world):
         student = logits()
         with model.disable_adapter():
             base = logits()
-        with opsd.teacher_context(model, loss_args(teacher="live"), None):
+        with opsd.teacher_weights(model, "live", False, None):
             live = logits()
         # EMA: the copy's weights are used inside the context, and the trained ones are back, exactly, after
         ema_copy = [torch.zeros_like(p) for p in params]  # zero LoRA weights = the base model
         before = [p.detach().clone() for p in params]
-        with opsd.teacher_context(model, loss_args(teacher="ema"), ema_copy):
+        with opsd.teacher_weights(model, "ema", False, ema_copy):
             ema = logits()
         after = [p.detach().clone() for p in params]
     assert torch.equal(live, student) and not torch.allclose(student, base)
@@ -353,38 +348,36 @@ def test_teacher_modes_live_ema_and_full_finetune_swap_in_and_back(world):
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert all(torch.count_nonzero(c) == 0 for c in ema_copy)  # the copy is swapped back too
     # full fine-tuning with a fixed teacher: the frozen initial copy is swapped in the same way
-    full = opsd.load_model(opsd.get_parser().parse_args(["--model", world["model"], "--full-finetune"]), torch.device("cpu"))[0]
+    full = lm.load_model(world["model"], torch.device("cpu"))[0]
     full.eval()
-    initial = [p.detach().clone() for p in opsd.trainable_parameters(full)]
+    initial = [p.detach().clone() for p in lm.trainable_parameters(full)]
     with torch.no_grad():
         initial_logits = full(input_ids=ids).logits
-        for p in opsd.trainable_parameters(full):
+        for p in lm.trainable_parameters(full):
             p.add_(0.1)
-        fixed_full = opsd.get_parser().parse_args(["--teacher", "fixed", "--full-finetune"])
-        with opsd.teacher_context(full, fixed_full, initial):
+        with opsd.teacher_weights(full, "fixed", True, initial):
             teacher_logits = full(input_ids=ids).logits
     assert torch.equal(teacher_logits, initial_logits)
 
 
 def test_a_few_steps_lower_the_divergence(world):
     model, tokenizer = load_lora_model(world)
-    args = loss_args(beta=0.5)
     records = toy.make_records("train", 4, 2)
     student_prompts = [prompts.student_prompt_ids(tokenizer, r["problem"]) for r in records]
-    teacher_prompts = [prompts.teacher_prompt_ids(tokenizer, r["problem"], r["solution"]) for r in records]
+    teacher_prompts = [prompts.teacher_prompt_ids(tokenizer, r) for r in records]
     generator = torch.Generator().manual_seed(8)
     rollouts = [torch.randint(3, len(tokenizer), (n,), generator=generator).tolist() for n in [6, 9, 12, 15]]
-    student_batch = opsd.build_batch(student_prompts, rollouts, tokenizer.pad_token_id, torch.device("cpu"))
-    teacher_batch = opsd.build_batch(teacher_prompts, rollouts, tokenizer.pad_token_id, torch.device("cpu"))
-    _, weight = opsd.lm_parts(model)
+    student_batch = lm.build_batch(student_prompts, rollouts, tokenizer.pad_token_id, torch.device("cpu"))
+    teacher_batch = lm.build_batch(teacher_prompts, rollouts, tokenizer.pad_token_id, torch.device("cpu"))
+    _, weight = lm.lm_parts(model)
     with torch.no_grad(), model.disable_adapter():
-        teacher_hidden = opsd.completion_hidden(model, teacher_batch)  # fixed: computed once
-    token_weights = opsd.sequence_mean_weights(student_batch["lengths"], 4)
-    optimizer = torch.optim.AdamW(opsd.trainable_parameters(model), lr=1e-2)
+        teacher_hidden = lm.completion_hidden(model, teacher_batch)  # fixed: computed once
+    token_weights = lm.sequence_mean_weights(student_batch["lengths"], 4)
+    optimizer = torch.optim.AdamW(lm.trainable_parameters(model), lr=1e-2)
     losses = []
     for _ in range(6):
-        loss = opsd.chunked_loss(opsd.completion_hidden(model, student_batch), weight, opsd.opsd_token_fn(args, weight.detach()),
-                                 token_weights, (teacher_hidden, student_batch["targets"]), chunk_size=7)
+        loss = lm.chunked_loss(lm.completion_hidden(model, student_batch), weight, token_weights, token_fn(weight.detach(), beta=0.5),
+                               (teacher_hidden, student_batch["targets"]), chunk_size=7)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -399,15 +392,16 @@ def test_a_few_steps_lower_the_divergence(world):
 DDP_WRAPPER = textwrap.dedent("""
     import sys
     import torch
+    import common
     import opsd
-    captured, real = {}, opsd.setup_run
+    captured, real = {}, common.setup_run
     def trainable(model):  # PEFT's names, less the adapter name, are the keys of the saved adapter file
         return {name.replace(".default", ""): p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     def setup_run(*args, **kwargs):
         captured["run"] = run = real(*args, **kwargs)
         captured["initial"] = trainable(run.model)
         return run
-    opsd.setup_run = setup_run
+    common.setup_run = setup_run
     opsd.main(sys.argv[2:])
     run = captured["run"]
     torch.save({"initial": captured["initial"], "final": trainable(run.model)}, f"{sys.argv[1]}/rank{run.rank}.pt")
@@ -445,8 +439,8 @@ def stop_after_checkpoint(monkeypatch, at_step, action):
     """Run `action` right after opsd.main writes the checkpoint of step `at_step` (1-based)."""
     real = common.save_checkpoint
 
-    def save_checkpoint(out_dir, step, *args, **kwargs):
-        path = real(out_dir, step, *args, **kwargs)
+    def save_checkpoint(run, args, step, *rest, **kwargs):
+        path = real(run, args, step, *rest, **kwargs)
         if step == at_step:
             action()
         return path
@@ -488,13 +482,13 @@ def test_resume_from_an_earlier_checkpoint_logs_each_step_once(world, tmp_path):
 def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(world, tmp_path, monkeypatch):
     poisoned = {"on": False}
     stop_after_checkpoint(monkeypatch, 2, lambda: poisoned.update(on=True))
-    real_loss = opsd.chunked_loss
-    monkeypatch.setattr(opsd, "chunked_loss", lambda *a, **k: real_loss(*a, **k) * (math.nan if poisoned["on"] else 1.0))
+    real_loss = lm.chunked_loss
+    monkeypatch.setattr(lm, "chunked_loss", lambda *a, **k: real_loss(*a, **k) * (math.nan if poisoned["on"] else 1.0))
     out = tmp_path / "run"
     with pytest.raises(FloatingPointError, match=r"step 3\b"):
         opsd.main(run_args(world, out, "--max-steps", "4", "--save-every", "2"))
-    assert sorted(os.listdir(out)) == ["checkpoint-000002", "latest", "log.jsonl"]
-    checkpoint = common.resolve_checkpoint(str(out))
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint-000002", "latest", "log.jsonl"]
+    checkpoint = common.follow_latest(str(out))
     assert checkpoint.endswith("checkpoint-000002")
     assert torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)["step"] == 2
     assert all(torch.isfinite(v).all() for v in adapter_weights(checkpoint).values())

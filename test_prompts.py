@@ -297,8 +297,38 @@ def test_load_records_bad_json_names_the_line(tmp_path):
 
 
 def test_load_records_missing_file():
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    with pytest.raises(prompts.UserError, match="no such data file 'nope.jsonl'"):
         prompts.load_records("nope.jsonl")
+
+
+def test_load_records_rejects_an_unsupported_file_format_instead_of_asking_the_hub(tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_text("problem,answer\nWhat is 1+1?,2\n")
+    with pytest.raises(prompts.UserError, match=r"x\.csv: unsupported data file format; use one of \.jsonl, \.json, \.parquet"):
+        prompts.load_records(str(path))
+
+
+def test_load_records_says_a_present_column_is_empty_rather_than_missing(tmp_path):
+    path = str(tmp_path / "empty_solution.jsonl")
+    write_jsonl(path, [{"problem": "P", "solution": "S \\boxed{1}"}, {"problem": "Q", "solution": "   "}])
+    with pytest.raises(prompts.UserError, match=r"row 1 has no solution: its 'solution' is empty$"):
+        prompts.load_records(path, require=("problem", "solution"))
+
+
+def test_load_records_of_an_empty_file_is_an_error(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    with pytest.raises(prompts.UserError, match="empty.jsonl: no records"):
+        prompts.load_records(str(path))
+
+
+def test_read_jsonl_leaves_out_a_torn_last_line_only_when_asked(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(b'{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    rows, complete = prompts.read_jsonl(str(path), torn_tail_ok=True)
+    assert rows == [{"step": 1}, {"step": 2}] and complete == len(b'{"step": 1}\n{"step": 2}\n')
+    with pytest.raises(prompts.UserError, match="log.jsonl: line 3 is not valid JSON"):
+        prompts.read_jsonl(str(path))
 
 # -----------------------------------------------------------------------------
 # 5. prompt token ids, with the toy Qwen3-style tokenizer
@@ -311,20 +341,27 @@ def tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(toy.build_tokenizer(str(tmp_path_factory.mktemp("tokenizer"))))
 
 
-def test_messages_put_the_reference_before_the_instruction():
+def test_messages_put_the_privileged_context_before_the_instruction():
+    record = {"problem": "What is 2+3?", "solution": "2+3=5, \\boxed{5}", "answer": "5"}
     student = prompts.student_messages("What is 2+3?")[0]["content"]
-    teacher = prompts.teacher_messages("What is 2+3?", "2+3=5, \\boxed{5}")[0]["content"]
+    teacher = prompts.teacher_messages(record)[0]["content"]
     assert student == "What is 2+3?\n\n" + prompts.INSTRUCTION
     assert teacher.startswith("What is 2+3?\n\nHere is a reference solution:\n2+3=5, \\boxed{5}")
-    assert teacher.endswith(prompts.TRANSITION + "\n\n" + prompts.INSTRUCTION)
+    assert teacher.endswith(prompts.TEACHER_CONTEXTS["solution"][1] + "\n\n" + prompts.INSTRUCTION)
+    # answer-only context: the final answer, and not a word of the solution
+    answer_only = prompts.teacher_messages(record, "answer")[0]["content"]
+    assert answer_only.startswith("What is 2+3?\n\nThe final answer is 5.")
+    assert "2+3=5" not in answer_only and answer_only.endswith(prompts.TEACHER_CONTEXTS["answer"][1] + "\n\n" + prompts.INSTRUCTION)
 
 
+@pytest.mark.parametrize("context", ["solution", "answer"])
 @pytest.mark.parametrize("thinking,prefix", [(False, "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
                                              (True, "<|im_start|>assistant\n")], ids=["thinking_off", "thinking_on"])
-def test_student_and_teacher_prompts_end_with_the_same_assistant_prefix(tokenizer, thinking, prefix):
+def test_student_and_teacher_prompts_end_with_the_same_assistant_prefix(tokenizer, thinking, prefix, context):
     prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
     student = prompts.student_prompt_ids(tokenizer, "What is 123*4?", thinking)
-    teacher = prompts.teacher_prompt_ids(tokenizer, "What is 123*4?", "123*4 = 492\n\\boxed{492}", thinking)
+    record = {"problem": "What is 123*4?", "solution": "123*4 = 492\n\\boxed{492}", "answer": "492"}
+    teacher = prompts.teacher_prompt_ids(tokenizer, record, thinking, context)
     assert all(isinstance(i, int) for i in student + teacher)
     assert student[-len(prefix_ids):] == teacher[-len(prefix_ids):] == prefix_ids
     assert tokenizer.decode(student).endswith(prompts.INSTRUCTION + "<|im_end|>\n" + prefix)

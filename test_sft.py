@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import common
-import opsd
+import lm
 import prompts
 import sft
 import toy
@@ -24,11 +24,11 @@ def test_loss_covers_exactly_the_assistant_tokens_and_the_eos(tiny):
                {"problem": "What is 5*4?", "solution": "x", "reference": "5*4 = 20"}]
     examples = sft.tokenize_examples(records, tok, thinking=False, max_length=10_000)
     for record, (prompt, target) in zip(records, examples):
-        expected_prompt = (prompts.teacher_prompt_ids(tok, record["problem"], record["reference"]) if record.get("reference")
+        expected_prompt = (prompts.teacher_prompt_ids(tok, {"problem": record["problem"], "solution": record["reference"]}) if record.get("reference")
                            else prompts.student_prompt_ids(tok, record["problem"]))
         assert prompt == expected_prompt
         assert target == tok(record["solution"], add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
-    batch = opsd.build_batch([p for p, _ in examples], [t for _, t in examples], tok.pad_token_id, torch.device("cpu"))
+    batch = lm.build_batch([p for p, _ in examples], [t for _, t in examples], tok.pad_token_id, torch.device("cpu"))
     # the rows that carry loss predict exactly the target tokens, each from the position just before it
     predicted = batch["input_ids"][batch["row_batch"], batch["row_pos"] + 1]
     assert torch.equal(predicted, batch["targets"])
@@ -70,7 +70,7 @@ def test_from_scratch_trains_all_weights_from_a_config(tiny, tmp_path):
     out = tmp_path / "run"
     sft.main(["--model", str(config_dir), "--from-scratch", "--data", data, "--max-steps", "3", "--batch-size", "4",
               "--micro-batch-size", "4", "--lr", "1e-3", "--out-dir", str(out), "--save-every", "3"])
-    trained = AutoModelForCausalLM.from_pretrained(common.resolve_checkpoint(str(out)))  # a full model, no adapter
+    trained = AutoModelForCausalLM.from_pretrained(common.follow_latest(str(out)))  # a full model, no adapter
     assert sum(p.numel() for p in trained.parameters()) > 10_000
     assert not hasattr(trained, "peft_config")
 
@@ -84,8 +84,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny, tmp_path):
     sft.main(base + ["--max-steps", "4", "--stop-after", "2", "--out-dir", str(tmp_path / "split")])
     sft.main(base + ["--max-steps", "4", "--out-dir", str(tmp_path / "split"), "--resume", str(tmp_path / "split")])
     from safetensors.torch import load_file
-    a = load_file(os.path.join(common.resolve_checkpoint(str(tmp_path / "straight")), "adapter_model.safetensors"))
-    b = load_file(os.path.join(common.resolve_checkpoint(str(tmp_path / "split")), "adapter_model.safetensors"))
+    a = load_file(os.path.join(common.follow_latest(str(tmp_path / "straight")), "adapter_model.safetensors"))
+    b = load_file(os.path.join(common.follow_latest(str(tmp_path / "split")), "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
