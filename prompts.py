@@ -163,23 +163,25 @@ def load_records(source: str, split: str | None = None, require=("problem", "ans
 # 4. answer extraction
 
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_SPACES, _BARE_ANSWER = re.compile(r"\s*"), re.compile(r"[^\s$]*")
 
 
 def extract_boxed(text: str) -> str | None:
     """Content of the last \\boxed{...} / \\fbox{...} (nested braces balanced), or of `\\boxed 5`; else None."""
     starts = [m.end() for m in _BOX.finditer(text)]
     for start in reversed(starts):
-        rest = text[start:]
-        body = rest.lstrip()
-        if body.startswith("{"):
+        # look at offsets, never at a copy of the rest of the text: a candidate that turns out to be prose then
+        # costs only the spaces before the next candidate, and the search stays linear in len(text)
+        body = _SPACES.match(text, start).end()
+        if text.startswith("{", body):
             depth = 0
-            for i, char in enumerate(body):
+            for i, char in enumerate(text[body:]):  # one copy per call: this branch always returns
                 depth += (char == "{") - (char == "}")
                 if depth == 0:
-                    return body[1:i]
+                    return text[body + 1:body + i]
             return None  # the last box never closes (a truncated completion): no answer
-        if body and rest[0].isspace():
-            return re.match(r"[^\s$]*", body).group(0)  # "\boxed 5"
+        if start < body < len(text):
+            return _BARE_ANSWER.match(text, body).group(0)  # "\boxed 5"
         # "\boxed" followed by something else (prose mentioning the macro): look at the box before it
     return None
 
