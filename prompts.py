@@ -207,9 +207,12 @@ def normalize_answer(answer: str) -> str:
     s = re.sub(r"\\(?:text|textbf|textrm|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree", "", s)
     s = re.sub(r"\\?%|\\\$", "", s)
-    s = re.sub(r"\\[,;:! ]|\s", "", s)
+    s = s.replace("\\!", "")  # MATH writes 10,\!000: a negative space glues the digits together
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
-        s = s.replace(",", "")  # 1,000 -> 1000 only when the whole answer is one number, never "1,2"
+        # 1,000 -> 1000 only when the whole answer is one number, never "1,2"; and checked before the spaces go,
+        # as "1, 100" is the list {1, 100}, not 1100 (math-verify too reads 1,100 as 1100 and 1, 100 as a set)
+        s = s.replace(",", "")
+    s = re.sub(r"\\[,;: ]|\s", "", s)
     return s.rstrip(".")
 
 # -----------------------------------------------------------------------------

@@ -66,6 +66,9 @@ GRADER_TABLE = [
     ("thousands_comma", boxed("1,000"), "1000", True),
     ("thousands_comma_in_gold", boxed("1000000"), "1,000,000", True),
     ("thousands_latex_brace_comma", boxed("1{,}000"), "1000", True),
+    ("thousands_comma_not_a_list", boxed("1,100"), "1100", True),  # no space after the comma: one number
+    ("thousands_negative_space", boxed("10,\\!000"), "10000", True),  # MATH's spelling
+    ("negative_thousands", boxed("-1,100"), "-1100", True),
     ("text_wrapper", boxed("Evelyn"), "\\text{Evelyn}", True),
     ("multiple_choice_letter", boxed("\\text{C}"), "\\text{(C)}", True),
     ("multiple_choice_parens", boxed("(C)"), "C", True),
@@ -111,6 +114,14 @@ GRADER_TABLE = [
     ("set_missing_element", boxed("\\{1,2\\}"), "\\{1,2,3\\}", False),
     ("set_extra_element", boxed("2, 3, 4"), "2, 3", False),
     ("list_vs_number", boxed("12"), "1,2", False),
+    # a comma and a space separate list items, never thousands
+    ("list_vs_joined_number", boxed("32, 349"), "32349", False),
+    ("two_item_list_vs_thousands", boxed("1, 100"), "1100", False),
+    ("list_with_latex_space_vs_number", boxed("1,\\ 100"), "1100", False),
+    ("three_item_list_vs_million", boxed("1, 000, 000"), "1000000", False),
+    ("set_vs_joined_number", boxed("\\{1, 100\\}"), "1100", False),
+    ("list_vs_thousands_gold", boxed("32, 349"), "32,349", False),
+    ("thousands_vs_list_gold", boxed("1,100"), "1, 100", False),
     ("wrong_exponent", boxed("x^3"), "x^2", False),
     ("wrong_sign_in_expression", boxed("x^2+1"), "x^2-1", False),
     ("wrong_matrix", boxed("\\begin{pmatrix}1\\\\3\\end{pmatrix}"), "\\begin{pmatrix}1\\\\2\\end{pmatrix}", False),
