@@ -221,12 +221,13 @@ def normalize_answer(answer: str) -> str:
 MAX_ANSWER_CHARS = 2000  # longer "answers" are rambling, not answers; only the string compare sees them
 _STARTUP_SECONDS = 120  # importing sympy on a loaded node can be slow; the per-call timeout starts after
 _worker, _worker_pid, _lock = None, None, threading.Lock()
+_request_id = 0  # numbers the requests; the worker echoes it, so no reply is ever taken for another request's
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)")
 _cache: dict[tuple[str, str], bool] = {}  # GRPO rollouts repeat answers; also stops a slow answer from timing out twice
 
 
 def _serve_grader():
-    """The worker: one JSON [gold, prediction] per stdin line, "1" or "0" per stdout line."""
+    """The worker: one JSON [request id, gold, prediction] per stdin line; "<request id> 1" (or 0) per stdout line."""
     import logging
     from math_verify import LatexExtractionConfig, parse, verify
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled": our kill is the timeout
@@ -234,7 +235,7 @@ def _serve_grader():
     os.dup2(2, 1)  # anything else printing to stdout must not corrupt the protocol
     reply.write(b"ready\n")
     for line in sys.stdin.buffer:
-        gold, pred = json.loads(line)
+        request_id, gold, pred = json.loads(line)
         # `$...$`: bare gold LaTeX mis-parses (2\sqrt{3} -> 2); LaTeX-only for the prediction: the Expr
         # fallback grabs stray numbers. No signal timeouts: the parent kills us instead.
         try:
@@ -243,7 +244,7 @@ def _serve_grader():
                         timeout_seconds=None)
         except Exception:  # math-verify catches most errors itself; whatever escapes means "not verified"
             ok = False
-        reply.write(b"1\n" if ok else b"0\n")
+        reply.write(b"%d %d\n" % (request_id, bool(ok)))
 
 
 def _stop_worker():
@@ -278,29 +279,48 @@ def _read_line(process, seconds: float) -> bytes | None:
     return line
 
 
-def _math_verify(gold: str, pred: str, timeout: float) -> bool:
+def _start_worker():
     global _worker, _worker_pid
-    if _worker is None:
-        _worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--grader-worker"],
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-        _worker_pid = os.getpid()
-        if _read_line(_worker, _STARTUP_SECONDS) != b"ready\n":
-            _stop_worker()
-            # an environment fault (math-verify missing), not a bad answer: grading on would silently change scores
-            raise RuntimeError("the math-verify grader worker failed to start; see its error above")
+    _worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--grader-worker"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    _worker_pid = os.getpid()
+    if _read_line(_worker, _STARTUP_SECONDS) != b"ready\n":
+        _stop_worker()
+        # an environment fault (math-verify missing), not a bad answer: grading on would silently change scores
+        raise RuntimeError("the math-verify grader worker failed to start; see its error above")
+
+
+def _math_verify(gold: str, pred: str, timeout: float) -> bool:
+    global _request_id
+    _request_id += 1
     try:
-        _worker.stdin.write(json.dumps([gold, pred]).encode() + b"\n")
+        if _worker is None:
+            _start_worker()
+        _worker.stdin.write(json.dumps([_request_id, gold, pred]).encode() + b"\n")
         reply = _read_line(_worker, timeout)
-    except OSError:  # the worker died (e.g. sympy blew the C stack): this answer is not verified
+    except BrokenPipeError:  # the worker died (e.g. sympy blew the C stack): this answer is not verified
         reply = None
+    except BaseException:
+        # interrupted (KeyboardInterrupt, a bug) with a request maybe in flight: its late reply would be read
+        # as the next request's, so this worker is not to be trusted again
+        _stop_worker()
+        raise
     if reply is None:
         _stop_worker()  # timed out or died; the next call starts a fresh one
         return False
-    return reply == b"1\n"
+    verdicts = {b"%d 1\n" % _request_id: True, b"%d 0\n" % _request_id: False}
+    if reply not in verdicts:
+        _stop_worker()  # cannot happen unless something else writes on the worker's pipe: fail loudly
+        raise RuntimeError(f"the grader worker is out of step: request {_request_id} got the reply {reply!r}")
+    return verdicts[reply]
 
 
 def grade(completion: str, gold: str, timeout: float = 5.0) -> bool:
-    """True if the last box of `completion` equals `gold` (bare or boxed). Never raises on input, never hangs."""
+    """True if the last box of `completion` equals `gold` (bare or boxed). Never raises on input, never hangs.
+
+    `timeout`: the seconds math-verify may spend on this pair; anything but a positive number is a caller's bug."""
+    if not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
+        raise ValueError(f"grade: timeout must be a positive number of seconds, not {timeout!r}")
     if not isinstance(completion, str) or not isinstance(gold, str):
         return False
     pred = extract_boxed(completion)

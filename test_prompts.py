@@ -193,7 +193,7 @@ def test_extract_boxed_is_linear_on_2mb(text, expected):
     assert seconds < 2.0
 
 # -----------------------------------------------------------------------------
-# 3. the grader's guarantees: bounded time, threads, daemonic pools, any input
+# 3. the grader's guarantees: bounded time, replies in step with requests, threads, daemonic pools, any input
 
 
 def test_grade_slow_input_times_out():
@@ -217,6 +217,45 @@ def test_grade_from_a_thread():
     for thread in threads:
         thread.join()
     assert results == [True, True, True, True, False]
+
+
+def assert_grades_in_step(monkeypatch):
+    # pairs with known, differing answers: a grader reading the reply of another request gets one wrong
+    monkeypatch.setattr(prompts, "_cache", {})  # the worker must answer them, not the cache
+    assert prompts.grade(boxed("a+b"), "a-b") is False
+    assert prompts.grade(boxed("a+b"), "b+a") is True
+    assert prompts.grade(boxed("\\sqrt{18}"), "3\\sqrt{2}") is True
+    assert prompts.grade(boxed("\\sqrt{18}"), "2\\sqrt{3}") is False
+    assert prompts.grade(boxed("(p+q)^2"), "p^2+2pq+q^2") is True
+
+
+def test_grade_after_an_interrupted_call_answers_the_right_question(monkeypatch):
+    assert prompts.grade(boxed("\\frac{6}{8}"), "\\frac34") is True  # the worker is up
+    real_read_line = prompts._read_line
+
+    def interrupted(process, seconds):
+        monkeypatch.setattr(prompts, "_read_line", real_read_line)  # once
+        raise KeyboardInterrupt  # as if ^C came while the worker was grading: its reply is still on the way
+    monkeypatch.setattr(prompts, "_read_line", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prompts.grade(boxed("y\\cdot y"), "y^2")  # a True answer, so a stale reply would make the next one True
+    assert_grades_in_step(monkeypatch)
+
+
+def test_grade_rejects_a_bad_timeout_before_asking_the_worker(monkeypatch):
+    for timeout in (None, 0, -1.0, float("nan"), float("inf"), "5"):
+        with pytest.raises(ValueError, match="timeout"):
+            prompts.grade(boxed("z\\cdot z"), "z^2", timeout=timeout)
+    assert_grades_in_step(monkeypatch)
+
+
+def test_grade_refuses_a_reply_to_another_request(monkeypatch):
+    assert prompts.grade(boxed("\\frac{10}{8}"), "\\frac54") is True  # the worker is up
+    monkeypatch.setattr(prompts, "_read_line", lambda process, seconds: b"999999 1\n")
+    with pytest.raises(RuntimeError, match="out of step"):
+        prompts.grade(boxed("v\\cdot v"), "v^3")
+    monkeypatch.undo()
+    assert_grades_in_step(monkeypatch)
 
 
 def _grade_pair(pair):
