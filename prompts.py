@@ -223,7 +223,10 @@ _STARTUP_SECONDS = 120  # importing sympy on a loaded node can be slow; the per-
 _worker, _worker_pid, _lock = None, None, threading.Lock()
 _request_id = 0  # numbers the requests; the worker echoes it, so no reply is ever taken for another request's
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)")
-_cache: dict[tuple[str, str], bool] = {}  # GRPO rollouts repeat answers; also stops a slow answer from timing out twice
+_cache: dict[tuple[str, str], bool] = {}  # math-verify's verdicts: GRPO rollouts repeat answers
+# the longest timeout a pair ran past: not a verdict (a longer timeout may get one), but it stops a slow answer
+# from costing the same timeout twice
+_gave_up: dict[tuple[str, str], float] = {}
 
 
 def _serve_grader():
@@ -290,7 +293,8 @@ def _start_worker():
         raise RuntimeError("the math-verify grader worker failed to start; see its error above")
 
 
-def _math_verify(gold: str, pred: str, timeout: float) -> bool:
+def _math_verify(gold: str, pred: str, timeout: float) -> bool | None:
+    """math-verify's verdict, or None when the worker ran past `timeout` or died: no verdict."""
     global _request_id
     _request_id += 1
     try:
@@ -307,7 +311,7 @@ def _math_verify(gold: str, pred: str, timeout: float) -> bool:
         raise
     if reply is None:
         _stop_worker()  # timed out or died; the next call starts a fresh one
-        return False
+        return None
     verdicts = {b"%d 1\n" % _request_id: True, b"%d 0\n" % _request_id: False}
     if reply not in verdicts:
         _stop_worker()  # cannot happen unless something else writes on the worker's pipe: fail loudly
@@ -339,12 +343,18 @@ def grade(completion: str, gold: str, timeout: float = 5.0) -> bool:
         return Decimal(pred_key) == Decimal(gold_key)
     if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
         return False
+    key = (gold, pred)
     with _lock:
-        if (gold, pred) not in _cache:
-            if len(_cache) >= 100_000:
+        if key not in _cache and _gave_up.get(key, 0) < timeout:
+            if len(_cache) + len(_gave_up) >= 100_000:
                 _cache.clear()
-            _cache[(gold, pred)] = _math_verify(gold, pred, timeout)
-        return _cache[(gold, pred)]
+                _gave_up.clear()
+            verdict = _math_verify(gold, pred, timeout)
+            if verdict is None:
+                _gave_up[key] = timeout
+            else:
+                _cache[key] = verdict
+        return _cache.get(key, False)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--grader-worker"]:

@@ -3,6 +3,7 @@
   python -m pytest -q test_prompts.py
 """
 import json
+import math
 import multiprocessing
 import os
 import subprocess
@@ -256,6 +257,13 @@ def test_grade_refuses_a_reply_to_another_request(monkeypatch):
         prompts.grade(boxed("v\\cdot v"), "v^3")
     monkeypatch.undo()
     assert_grades_in_step(monkeypatch)
+
+
+def test_grade_timeout_is_not_cached_as_an_answer():
+    # a fresh polynomial identity: expanding takes math-verify ~0.3 s, so 10 ms runs out, 60 s does not
+    expanded = "+".join(f"{math.comb(20, k)}w^{{{k}}}" for k in range(20, -1, -1))
+    assert prompts.grade(boxed(expanded), "(w+1)^{20}", timeout=0.01) is False
+    assert prompts.grade(boxed(expanded), "(w+1)^{20}", timeout=60) is True
 
 
 def _grade_pair(pair):
