@@ -197,23 +197,25 @@ def load_records(source: str, split: str | None = None, require=("problem", "ans
 # 4. answer extraction
 
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_SPACES, _BARE_ANSWER = re.compile(r"\s*"), re.compile(r"[^\s$]*")
 
 
 def extract_boxed(text: str) -> str | None:
     """Content of the last \\boxed{...} / \\fbox{...} (nested braces balanced), or of `\\boxed 5`; else None."""
     starts = [m.end() for m in _BOX.finditer(text)]
     for start in reversed(starts):
-        rest = text[start:]
-        body = rest.lstrip()
-        if body.startswith("{"):
+        # look at offsets, never at a copy of the rest of the text: a candidate that turns out to be prose then
+        # costs only the spaces before the next candidate, and the search stays linear in len(text)
+        body = _SPACES.match(text, start).end()
+        if text.startswith("{", body):
             depth = 0
-            for i, char in enumerate(body):
+            for i, char in enumerate(text[body:]):  # one copy per call: this branch always returns
                 depth += (char == "{") - (char == "}")
                 if depth == 0:
-                    return body[1:i]
+                    return text[body + 1:body + i]
             return None  # the last box never closes (a truncated completion): no answer
-        if body and rest[0].isspace():
-            return re.match(r"[^\s$]*", body).group(0)  # "\boxed 5"
+        if start < body < len(text):
+            return _BARE_ANSWER.match(text, body).group(0)  # "\boxed 5"
         # "\boxed" followed by something else (prose mentioning the macro): look at the box before it
     return None
 
@@ -239,9 +241,12 @@ def normalize_answer(answer: str) -> str:
     s = re.sub(r"\\(?:text|textbf|textrm|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree", "", s)
     s = re.sub(r"\\?%|\\\$", "", s)
-    s = re.sub(r"\\[,;:! ]|\s", "", s)
+    s = s.replace("\\!", "")  # MATH writes 10,\!000: a negative space glues the digits together
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
-        s = s.replace(",", "")  # 1,000 -> 1000 only when the whole answer is one number, never "1,2"
+        # 1,000 -> 1000 only when the whole answer is one number, never "1,2"; and checked before the spaces go,
+        # as "1, 100" is the list {1, 100}, not 1100 (math-verify too reads 1,100 as 1100 and 1, 100 as a set)
+        s = s.replace(",", "")
+    s = re.sub(r"\\[,;: ]|\s", "", s)
     return s.rstrip(".")
 
 # -----------------------------------------------------------------------------
@@ -250,12 +255,16 @@ def normalize_answer(answer: str) -> str:
 MAX_ANSWER_CHARS = 2000  # longer "answers" are rambling, not answers; only the string compare sees them
 _STARTUP_SECONDS = 120  # importing sympy on a loaded node can be slow; the per-call timeout starts after
 _worker, _worker_pid, _lock = None, None, threading.Lock()
+_request_id = 0  # numbers the requests; the worker echoes it, so no reply is ever taken for another request's
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)")
-_cache: dict[tuple[str, str], bool] = {}  # GRPO rollouts repeat answers; also stops a slow answer from timing out twice
+_cache: dict[tuple[str, str], bool] = {}  # math-verify's verdicts: GRPO rollouts repeat answers
+# the longest timeout a pair ran past: not a verdict (a longer timeout may get one), but it stops a slow answer
+# from costing the same timeout twice
+_gave_up: dict[tuple[str, str], float] = {}
 
 
 def _serve_grader():
-    """The worker: one JSON [gold, prediction] per stdin line, "1" or "0" per stdout line."""
+    """The worker: one JSON [request id, gold, prediction] per stdin line; "<request id> 1" (or 0) per stdout line."""
     import logging
     from math_verify import LatexExtractionConfig, parse, verify
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled": our kill is the timeout
@@ -263,7 +272,7 @@ def _serve_grader():
     os.dup2(2, 1)  # anything else printing to stdout must not corrupt the protocol
     reply.write(b"ready\n")
     for line in sys.stdin.buffer:
-        gold, pred = json.loads(line)
+        request_id, gold, pred = json.loads(line)
         # `$...$`: bare gold LaTeX mis-parses (2\sqrt{3} -> 2); LaTeX-only for the prediction: the Expr
         # fallback grabs stray numbers. No signal timeouts: the parent kills us instead.
         try:
@@ -272,7 +281,7 @@ def _serve_grader():
                         timeout_seconds=None)
         except Exception:  # math-verify catches most errors itself; whatever escapes means "not verified"
             ok = False
-        reply.write(b"1\n" if ok else b"0\n")
+        reply.write(b"%d %d\n" % (request_id, bool(ok)))
 
 
 def _stop_worker():
@@ -307,29 +316,49 @@ def _read_line(process, seconds: float) -> bytes | None:
     return line
 
 
-def _math_verify(gold: str, pred: str, timeout: float) -> bool:
+def _start_worker():
     global _worker, _worker_pid
-    if _worker is None:
-        _worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--grader-worker"],
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-        _worker_pid = os.getpid()
-        if _read_line(_worker, _STARTUP_SECONDS) != b"ready\n":
-            _stop_worker()
-            # an environment fault (math-verify missing), not a bad answer: grading on would silently change scores
-            raise RuntimeError("the math-verify grader worker failed to start; see its error above")
+    _worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--grader-worker"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    _worker_pid = os.getpid()
+    if _read_line(_worker, _STARTUP_SECONDS) != b"ready\n":
+        _stop_worker()
+        # an environment fault (math-verify missing), not a bad answer: grading on would silently change scores
+        raise RuntimeError("the math-verify grader worker failed to start; see its error above")
+
+
+def _math_verify(gold: str, pred: str, timeout: float) -> bool | None:
+    """math-verify's verdict, or None when the worker ran past `timeout` or died: no verdict."""
+    global _request_id
+    _request_id += 1
     try:
-        _worker.stdin.write(json.dumps([gold, pred]).encode() + b"\n")
+        if _worker is None:
+            _start_worker()
+        _worker.stdin.write(json.dumps([_request_id, gold, pred]).encode() + b"\n")
         reply = _read_line(_worker, timeout)
-    except OSError:  # the worker died (e.g. sympy blew the C stack): this answer is not verified
+    except BrokenPipeError:  # the worker died (e.g. sympy blew the C stack): this answer is not verified
         reply = None
+    except BaseException:
+        # interrupted (KeyboardInterrupt, a bug) with a request maybe in flight: its late reply would be read
+        # as the next request's, so this worker is not to be trusted again
+        _stop_worker()
+        raise
     if reply is None:
         _stop_worker()  # timed out or died; the next call starts a fresh one
-        return False
-    return reply == b"1\n"
+        return None
+    verdicts = {b"%d 1\n" % _request_id: True, b"%d 0\n" % _request_id: False}
+    if reply not in verdicts:
+        _stop_worker()  # cannot happen unless something else writes on the worker's pipe: fail loudly
+        raise RuntimeError(f"the grader worker is out of step: request {_request_id} got the reply {reply!r}")
+    return verdicts[reply]
 
 
 def grade(completion: str, gold: str, timeout: float = 5.0) -> bool:
-    """True if the last box of `completion` equals `gold` (bare or boxed). Never raises on input, never hangs."""
+    """True if the last box of `completion` equals `gold` (bare or boxed). Never raises on input, never hangs.
+
+    `timeout`: the seconds math-verify may spend on this pair; anything but a positive number is a caller's bug."""
+    if not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
+        raise ValueError(f"grade: timeout must be a positive number of seconds, not {timeout!r}")
     if not isinstance(completion, str) or not isinstance(gold, str):
         return False
     pred = extract_boxed(completion)
@@ -348,12 +377,18 @@ def grade(completion: str, gold: str, timeout: float = 5.0) -> bool:
         return Decimal(pred_key) == Decimal(gold_key)
     if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
         return False
+    key = (gold, pred)
     with _lock:
-        if (gold, pred) not in _cache:
-            if len(_cache) >= 100_000:
+        if key not in _cache and _gave_up.get(key, 0) < timeout:
+            if len(_cache) + len(_gave_up) >= 100_000:
                 _cache.clear()
-            _cache[(gold, pred)] = _math_verify(gold, pred, timeout)
-        return _cache[(gold, pred)]
+                _gave_up.clear()
+            verdict = _math_verify(gold, pred, timeout)
+            if verdict is None:
+                _gave_up[key] = timeout
+            else:
+                _cache[key] = verdict
+        return _cache.get(key, False)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--grader-worker"]:

@@ -3,6 +3,7 @@
   python -m pytest -q test_prompts.py
 """
 import json
+import math
 import multiprocessing
 import os
 import subprocess
@@ -66,6 +67,9 @@ GRADER_TABLE = [
     ("thousands_comma", boxed("1,000"), "1000", True),
     ("thousands_comma_in_gold", boxed("1000000"), "1,000,000", True),
     ("thousands_latex_brace_comma", boxed("1{,}000"), "1000", True),
+    ("thousands_comma_not_a_list", boxed("1,100"), "1100", True),  # no space after the comma: one number
+    ("thousands_negative_space", boxed("10,\\!000"), "10000", True),  # MATH's spelling
+    ("negative_thousands", boxed("-1,100"), "-1100", True),
     ("text_wrapper", boxed("Evelyn"), "\\text{Evelyn}", True),
     ("multiple_choice_letter", boxed("\\text{C}"), "\\text{(C)}", True),
     ("multiple_choice_parens", boxed("(C)"), "C", True),
@@ -111,6 +115,14 @@ GRADER_TABLE = [
     ("set_missing_element", boxed("\\{1,2\\}"), "\\{1,2,3\\}", False),
     ("set_extra_element", boxed("2, 3, 4"), "2, 3", False),
     ("list_vs_number", boxed("12"), "1,2", False),
+    # a comma and a space separate list items, never thousands
+    ("list_vs_joined_number", boxed("32, 349"), "32349", False),
+    ("two_item_list_vs_thousands", boxed("1, 100"), "1100", False),
+    ("list_with_latex_space_vs_number", boxed("1,\\ 100"), "1100", False),
+    ("three_item_list_vs_million", boxed("1, 000, 000"), "1000000", False),
+    ("set_vs_joined_number", boxed("\\{1, 100\\}"), "1100", False),
+    ("list_vs_thousands_gold", boxed("32, 349"), "32,349", False),
+    ("thousands_vs_list_gold", boxed("1,100"), "1, 100", False),
     ("wrong_exponent", boxed("x^3"), "x^2", False),
     ("wrong_sign_in_expression", boxed("x^2+1"), "x^2-1", False),
     ("wrong_matrix", boxed("\\begin{pmatrix}1\\\\3\\end{pmatrix}"), "\\begin{pmatrix}1\\\\2\\end{pmatrix}", False),
@@ -166,8 +178,23 @@ def test_grade_table_is_not_a_string_compare():
 def test_extract_boxed(text, expected):
     assert prompts.extract_boxed(text) == expected
 
+
+@pytest.mark.parametrize("text,expected", [
+    ("\\boxed1" * 300_000, None),  # every candidate is prose: each one used to copy the rest of the text
+    ("\\boxed{" + "\\boxed1" * 300_000 + "}", "\\boxed1" * 300_000),  # ... before the real box at the start
+    ("\\boxed{" * 300_000, None),  # every box opens, none closes
+    ("\\boxed{" + "{" * 1_000_000 + "}" * 1_000_000 + "}", "{" * 1_000_000 + "}" * 1_000_000),  # deep nesting
+], ids=["prose_macros", "prose_macros_inside_a_box", "unclosed_boxes", "deep_nesting"])
+def test_extract_boxed_is_linear_on_2mb(text, expected):
+    # the quadratic search took 11-19 s on 2 MB on a 2-core test machine (110 s on 1 MB elsewhere); the linear
+    # one takes under 0.5 s there. The bound is loose so that a loaded machine does not fail it
+    start = time.monotonic()
+    assert prompts.extract_boxed(text) == expected
+    seconds = time.monotonic() - start
+    assert seconds < 2.0
+
 # -----------------------------------------------------------------------------
-# 3. the grader's guarantees: bounded time, threads, daemonic pools, any input
+# 3. the grader's guarantees: bounded time, replies in step with requests, threads, daemonic pools, any input
 
 
 def test_grade_slow_input_times_out():
@@ -191,6 +218,52 @@ def test_grade_from_a_thread():
     for thread in threads:
         thread.join()
     assert results == [True, True, True, True, False]
+
+
+def assert_grades_in_step(monkeypatch):
+    # pairs with known, differing answers: a grader reading the reply of another request gets one wrong
+    monkeypatch.setattr(prompts, "_cache", {})  # the worker must answer them, not the cache
+    assert prompts.grade(boxed("a+b"), "a-b") is False
+    assert prompts.grade(boxed("a+b"), "b+a") is True
+    assert prompts.grade(boxed("\\sqrt{18}"), "3\\sqrt{2}") is True
+    assert prompts.grade(boxed("\\sqrt{18}"), "2\\sqrt{3}") is False
+    assert prompts.grade(boxed("(p+q)^2"), "p^2+2pq+q^2") is True
+
+
+def test_grade_after_an_interrupted_call_answers_the_right_question(monkeypatch):
+    assert prompts.grade(boxed("\\frac{6}{8}"), "\\frac34") is True  # the worker is up
+    real_read_line = prompts._read_line
+
+    def interrupted(process, seconds):
+        monkeypatch.setattr(prompts, "_read_line", real_read_line)  # once
+        raise KeyboardInterrupt  # as if ^C came while the worker was grading: its reply is still on the way
+    monkeypatch.setattr(prompts, "_read_line", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prompts.grade(boxed("y\\cdot y"), "y^2")  # a True answer, so a stale reply would make the next one True
+    assert_grades_in_step(monkeypatch)
+
+
+def test_grade_rejects_a_bad_timeout_before_asking_the_worker(monkeypatch):
+    for timeout in (None, 0, -1.0, float("nan"), float("inf"), "5"):
+        with pytest.raises(ValueError, match="timeout"):
+            prompts.grade(boxed("z\\cdot z"), "z^2", timeout=timeout)
+    assert_grades_in_step(monkeypatch)
+
+
+def test_grade_refuses_a_reply_to_another_request(monkeypatch):
+    assert prompts.grade(boxed("\\frac{10}{8}"), "\\frac54") is True  # the worker is up
+    monkeypatch.setattr(prompts, "_read_line", lambda process, seconds: b"999999 1\n")
+    with pytest.raises(RuntimeError, match="out of step"):
+        prompts.grade(boxed("v\\cdot v"), "v^3")
+    monkeypatch.undo()
+    assert_grades_in_step(monkeypatch)
+
+
+def test_grade_timeout_is_not_cached_as_an_answer():
+    # a fresh polynomial identity: expanding takes math-verify ~0.3 s, so 10 ms runs out, 60 s does not
+    expanded = "+".join(f"{math.comb(20, k)}w^{{{k}}}" for k in range(20, -1, -1))
+    assert prompts.grade(boxed(expanded), "(w+1)^{20}", timeout=0.01) is False
+    assert prompts.grade(boxed(expanded), "(w+1)^{20}", timeout=60) is True
 
 
 def _grade_pair(pair):
