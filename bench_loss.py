@@ -1,6 +1,6 @@
 """
 Peak memory and time of the OPSD loss, forward + backward w.r.t. the student's hidden states:
-opsd.chunked_loss with opsd.opsd_token_fn (logits made chunk_size positions at a time, used and freed)
+lm.chunked_loss with opsd.opsd_token_fn (logits made chunk_size positions at a time, used and freed)
 against the naive full-logits way of the official code (student and teacher T x V logits at once,
 generalized JSD over (T, V), mean, backward).
 
@@ -24,6 +24,7 @@ import time
 
 import torch
 
+import lm
 import opsd
 
 # -----------------------------------------------------------------------------
@@ -73,10 +74,9 @@ def naive_loss(student_hidden, teacher_hidden, weight, beta):
 
 
 def chunked_loss(student_hidden, teacher_hidden, weight, targets, beta, chunk_size):
-    loss_args = opsd.get_parser().parse_args(["--beta", str(beta), "--temperature", "1"])
     token_weights = torch.full((len(targets),), 1.0 / len(targets))  # the mean over positions
-    return opsd.chunked_loss(student_hidden, weight, opsd.opsd_token_fn(loss_args, weight), token_weights,
-                             (teacher_hidden, targets), chunk_size)
+    return lm.chunked_loss(student_hidden, weight, token_weights, opsd.opsd_token_fn(weight, temperature=1.0, beta=beta),
+                           (teacher_hidden, targets), chunk_size)
 
 
 def run_variant(args):

@@ -14,6 +14,7 @@ import time
 import pytest
 
 import prompts
+import toy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -409,7 +410,6 @@ def test_read_jsonl_leaves_out_a_torn_last_line_only_when_asked(tmp_path):
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    import toy
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(toy.build_tokenizer(str(tmp_path_factory.mktemp("tokenizer"))))
 
