@@ -1,58 +1,91 @@
 """
-The toy-world comparison: OPSD, GRPO and SFT from the same warm start, each for a fixed budget, over
-several seeds. Reports held-out greedy accuracy against generated tokens and against wall-clock time,
-the spread over seeds, and how many generated tokens OPSD needs to reach GRPO's final accuracy.
+The toy-world benchmarks: runs from the same warm start, for the same number of steps, over several seeds, with
+greedy held-out accuracy every --eval-every steps (256 test problems, the same for every run).
 
-The budgets match in generated tokens per step: OPSD samples 1 rollout for each of 32 problems, GRPO
-8 rollouts for each of 4 problems; SFT generates nothing (it trains on the references).
-
-  python bench_toy.py                          # 3 seeds x 3 methods (~30-40 min on 2 cores)
-  python bench_toy.py --seeds 0 --steps 50     # a quick look
-Finished runs are skipped on a re-run (each run's log.jsonl is complete), so it can be stopped and resumed.
-Writes OUT/results.json, OUT/results.md and the plot (matplotlib, optional).
+  python bench_toy.py                       # methods: OPSD, GRPO and SFT, with own-style and expert references
+  python bench_toy.py --table variants      # OPSD variants and the ideas/ patches, own-style references
+  python bench_toy.py --seeds 0 --steps 50  # a quick look
+Budgets match in generated tokens per step: OPSD samples 1 rollout for each of 32 problems, GRPO 8 rollouts for each
+of 4 problems; SFT generates nothing (it trains on the references). Every method uses the learning rate of its toy
+preset (common.TOY): no method was tuned more than another here. Finished runs are skipped on a re-run (a run is
+finished when its log holds the final eval), so the benchmark can be stopped and resumed.
+Writes OUT/<table>.json and OUT/<table>.md, and for the methods table the plot (matplotlib, optional).
 """
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 
+import common
+import prompts
 import toy
 
-parser = argparse.ArgumentParser(description="OPSD vs GRPO vs SFT in the CPU toy world.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-parser.add_argument("--methods", default="opsd,grpo,sft", help="comma-separated scripts to run")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# name: (script, extra flags, ideas/ patch applied to a copy of opsd.py)
+RUNS = {
+    "opsd": ("opsd", [], None),
+    "grpo": ("grpo", [], None),
+    "sft": ("sft", [], None),
+    "opsd forward KL + entry clip 0.05": ("opsd", ["--beta", "0", "--entry-clip", "0.05"], None),
+    "opsd sampled-token": ("opsd", ["--loss", "sampled"], None),
+    "opsd sampled-token + vOPD baseline": ("opsd", ["--loss", "sampled", "--baseline", "vopd"], None),
+    "opsd answer-only teacher": ("opsd", ["--teacher-context", "answer"], None),
+    "idea: geometric mixture w=0.5": ("opsd", ["--mixture-weight", "0.5"], "geometric_mixture"),
+    "idea: reference-only correction 0.5": ("opsd", ["--reference-correction", "0.5"], "reference_only"),
+}
+TABLES = {"methods": (["opsd", "grpo", "sft"], ["own", "expert"]),
+          "variants": ([name for name in RUNS if name not in ("grpo", "sft")], ["own"])}
+
+parser = argparse.ArgumentParser(description="OPSD, GRPO and SFT (or OPSD's variants) in the CPU toy world.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument("--table", choices=sorted(TABLES), default="methods", help="which comparison to run")
+parser.add_argument("--settings", default=None, help="comma-separated reference settings (default: the table's)")
 parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-parser.add_argument("--steps", type=int, default=150, help="optimizer steps per run (same for every method)")
-parser.add_argument("--eval-every", type=int, default=25, help="held-out greedy eval every N steps")
-parser.add_argument("--out-dir", default="runs/toy_bench", help="where runs, results and the plot go")
-parser.add_argument("--plot", default="bench_toy.png", help="PNG path for the plot ('' to skip)")
-parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
+parser.add_argument("--steps", type=common.positive_int, default=150, help="optimizer steps per run (the same for every run)")
+parser.add_argument("--eval-every", type=common.positive_int, default=25, help="held-out greedy eval every N steps")
+parser.add_argument("--out-dir", default="runs/toy_bench", help="where runs and results go")
+parser.add_argument("--plot", default="bench_toy.png", help="PNG path for the methods plot ('' to skip)")
+parser.add_argument("--threads", type=common.positive_int, default=2, help="torch threads per run")
 
 
-def run_one(method, seed, args):
-    out = os.path.join(args.out_dir, f"{method}_seed{seed}")
+def apply_idea(name, directory):
+    """A copy of opsd.py with ideas/<name>.diff applied, in `directory`; run it with this folder on PYTHONPATH."""
+    os.makedirs(directory, exist_ok=True)
+    shutil.copy(os.path.join(HERE, "opsd.py"), directory)
+    with open(os.path.join(HERE, "ideas", f"{name}.diff")) as diff:
+        subprocess.run(["patch", "--quiet", "-p1", "-d", directory], stdin=diff, check=True)
+    return os.path.join(directory, "opsd.py")
+
+
+def run_one(name, setting, seed, args):
+    out = os.path.join(args.out_dir, setting, f"{name.replace(' ', '_').replace(':', '')}_seed{seed}")
     log = os.path.join(out, "log.jsonl")
-    if os.path.exists(log) and any(r.get("step") == args.steps and "eval" in r for r in map(json.loads, open(log))):
-        print(f"{method} seed {seed}: done already, skipped", flush=True)
+    if os.path.exists(log) and any(r.get("step") == args.steps and "eval" in r for r in prompts.read_jsonl(log, torn_tail_ok=True)[0]):
+        print(f"{setting} / {name} / seed {seed}: done already, skipped", flush=True)
         return out
-    if os.path.exists(out):
-        import shutil
-        shutil.rmtree(out)  # a partial run: start it again (checkpoints are only every --steps)
-    cmd = [sys.executable, f"{method}.py", "--preset", "toy", "--seed", str(seed), "--max-steps", str(args.steps),
-           "--eval-every", str(args.eval_every), "--save-every", str(args.steps), "--out-dir", out]
+    shutil.rmtree(out, ignore_errors=True)  # a partial run starts again (it checkpoints only at the end)
+    script, flags, idea = RUNS[name]
+    path = apply_idea(idea, os.path.join(args.out_dir, "ideas", idea)) if idea else os.path.join(HERE, f"{script}.py")
+    preset = "toy" if setting == "own" else f"toy-{setting}"
+    cmd = [sys.executable, path, "--preset", preset, "--seed", str(seed), "--max-steps", str(args.steps),
+           "--eval-every", str(args.eval_every), "--save-every", str(args.steps), "--out-dir", out, *flags]
     print(" ".join(cmd), flush=True)
     t0 = time.time()
-    subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)), stdout=subprocess.DEVNULL)
-    print(f"{method} seed {seed}: {time.time() - t0:.0f}s", flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    print(f"{setting} / {name} / seed {seed}: {time.time() - t0:.0f}s", flush=True)
     return out
 
 
 def curve(out):
     """[(step, generated tokens so far, training seconds so far, accuracy)] from a run's log.jsonl."""
     tokens, seconds, points = 0, 0.0, []
-    for record in map(json.loads, open(os.path.join(out, "log.jsonl"))):
+    for record in prompts.read_jsonl(os.path.join(out, "log.jsonl"), torn_tail_ok=True)[0]:
         if "eval" in record:
             points.append((record["step"], tokens, seconds, record["eval"]["avg"]))
         else:
@@ -61,57 +94,58 @@ def curve(out):
     return points
 
 
-def main():
-    args = parser.parse_args()
-    methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
-    p = toy.ensure_prepared()
-    start = toy.accuracy(p["warm"], p["test"])
-    teacher = toy.accuracy(p["warm"], p["test"], teacher=True)
-    print(f"warm start: student {start:.1%}, teacher {teacher:.1%}", flush=True)
-    runs = {(m, s): run_one(m, s, args) for s in seeds for m in methods}  # seed-major: early results cover every method
-    curves = {m: [curve(runs[m, s]) for s in seeds] for m in methods}
-    # mean and spread over seeds at each eval step (all runs of a method share the eval steps)
-    results = {"warm_start": start, "teacher": teacher, "steps": args.steps, "seeds": seeds, "methods": {}}
-    for m, runs in curves.items():
-        rows = []
-        for i, (step, *_rest) in enumerate(runs[0]):
-            accs = [r[i][3] for r in runs]
-            rows.append({"step": step, "tokens": statistics.mean(r[i][1] for r in runs),
-                         "seconds": statistics.mean(r[i][2] for r in runs), "acc": statistics.mean(accs),
-                         "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "acc_seeds": accs})
-        results["methods"][m] = rows
-    if "opsd" in curves and "grpo" in curves:
-        # generated tokens OPSD needs to reach GRPO's final mean accuracy: linear interpolation between the
-        # eval points of OPSD's mean curve (the warm start is the point at 0 tokens)
-        target = results["methods"]["grpo"][-1]["acc"]
-        points = [(0.0, start)] + [(r["tokens"], r["acc"]) for r in results["methods"]["opsd"]]
-        reached = 0.0 if start >= target else None
-        for (t0, a0), (t1, a1) in zip(points, points[1:]):
-            if reached is None and a0 < target <= a1:  # the first segment that crosses the target
-                reached = t0 + (t1 - t0) * (target - a0) / (a1 - a0)
-        results["opsd_tokens_to_grpo_final"] = reached
-        results["token_ratio"] = reached and results["methods"]["grpo"][-1]["tokens"] / max(1.0, reached)
-    lines = [f"warm start: student {start:.1%}, teacher (reference in context) {teacher:.1%}; "
-             f"{len(seeds)} seeds, {args.steps} steps, held-out greedy accuracy (mean ± std over seeds)", "",
-             "| method | final accuracy | gain over warm start | generated tokens | training time (s) |", "|---|---|---|---|---|"]
-    for m, rows in results["methods"].items():
-        last = rows[-1]
-        lines.append(f"| {m} | {last['acc']:.1%} ± {last['acc_std']:.1%} | {last['acc'] - start:+.1%} | "
-                     f"{last['tokens']:,.0f} | {last['seconds']:.0f} |")
-    if results.get("token_ratio"):
-        lines.append(f"\nOPSD reaches GRPO's final accuracy ({results['methods']['grpo'][-1]['acc']:.1%}) after "
-                     f"~{results['opsd_tokens_to_grpo_final']:,.0f} generated tokens (interpolated between evals): "
-                     f"{results['token_ratio']:.1f}x fewer than GRPO's "
-                     f"{results['methods']['grpo'][-1]['tokens']:,.0f}.")
-    elif "token_ratio" in results:
-        lines.append("\nOPSD does not reach GRPO's final accuracy within the budget.")
-    report = "\n".join(lines)
-    print("\n" + report)
-    os.makedirs(args.out_dir, exist_ok=True)
-    json.dump(results, open(os.path.join(args.out_dir, "results.json"), "w"), indent=1)
-    open(os.path.join(args.out_dir, "results.md"), "w").write(report + "\n")
-    if args.plot:
-        plot(results, args.plot)
+def summarize(curves):
+    """Mean and spread over seeds at each eval step (all runs share the eval steps)."""
+    rows = []
+    for i, (step, *_rest) in enumerate(curves[0]):
+        accs = [c[i][3] for c in curves]
+        rows.append({"step": step, "tokens": statistics.mean(c[i][1] for c in curves), "seconds": statistics.mean(c[i][2] for c in curves),
+                     "acc": statistics.mean(accs), "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "acc_seeds": accs})
+    return rows
+
+
+def tokens_to_reach(start, rows, target):
+    """Generated tokens a curve needs to reach `target` accuracy: linear interpolation between its eval points (the
+    warm start is the point at 0 tokens); 0 if it starts there, None if it never gets there."""
+    if start >= target:
+        return 0.0
+    points = [(0.0, start)] + [(r["tokens"], r["acc"]) for r in rows]
+    for (t0, a0), (t1, a1) in zip(points, points[1:]):
+        if a0 < target <= a1:
+            return t0 + (t1 - t0) * (target - a0) / (a1 - a0)
+    return None
+
+
+def cell(rows):
+    return f"{rows[-1]['acc']:.1%} ± {rows[-1]['acc_std']:.1%}"
+
+
+def report(results, table):
+    lines = []
+    if table == "methods":
+        lines += ["| setting | OPSD | GRPO | SFT on the references | warm start | teacher (reference shown) |", "|---|---|---|---|---|---|"]
+        for setting, r in results["settings"].items():
+            lines.append(f"| {setting} | {cell(r['runs']['opsd'])} | {cell(r['runs']['grpo'])} | {cell(r['runs']['sft'])} | "
+                         f"{r['warm_start']:.1%} | {r['teacher']:.1%} |")
+        lines += ["", "| setting | method | gain over warm start | generated tokens | training time (s) |", "|---|---|---|---|---|"]
+    else:
+        lines += ["| variant | flags | final accuracy | gain over warm start | generated tokens | training time (s) |", "|---|---|---|---|---|---|"]
+    for setting, r in results["settings"].items():
+        for name, rows in r["runs"].items():
+            last, gain = rows[-1], rows[-1]["acc"] - r["warm_start"]
+            if table == "methods":
+                lines.append(f"| {setting} | {name} | {gain:+.1%} | {last['tokens']:,.0f} | {last['seconds']:.0f} |")
+            else:
+                lines.append(f"| {name} | `{' '.join(RUNS[name][1]) or '(defaults)'}` | {cell(rows)} | {gain:+.1%} | {last['tokens']:,.0f} | {last['seconds']:.0f} |")
+        if "opsd" in r["runs"] and "grpo" in r["runs"]:
+            grpo = r["runs"]["grpo"][-1]
+            reached = tokens_to_reach(r["warm_start"], r["runs"]["opsd"], grpo["acc"])
+            if reached is None:
+                lines.append(f"\n{setting}: OPSD does not reach GRPO's final accuracy ({grpo['acc']:.1%}) within the budget.")
+            else:
+                lines.append(f"\n{setting}: OPSD reaches GRPO's final accuracy ({grpo['acc']:.1%}) after ~{reached:,.0f} generated tokens "
+                             f"(interpolated between evals), {grpo['tokens'] / max(reached, 1.0):.1f}x fewer than GRPO's {grpo['tokens']:,.0f}.")
+    return "\n".join(lines)
 
 
 def plot(results, path):
@@ -122,25 +156,51 @@ def plot(results, path):
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for m, rows in results["methods"].items():
-        for ax, key in zip(axes, ("tokens", "seconds")):
-            if key == "tokens" and m == "sft":
-                continue  # SFT generates nothing
-            xs = [0] + [r[key] for r in rows]
-            ys = [results["warm_start"]] + [r["acc"] for r in rows]
-            errs = [0] + [r["acc_std"] for r in rows]
-            ax.errorbar(xs, ys, yerr=errs, label=m, marker="o", capsize=3)
-    for ax, label in zip(axes, ("generated tokens", "training wall-clock (s)")):
-        ax.axhline(results["teacher"], color="gray", linestyle="--", label="teacher (reference shown)")
-        ax.set_xlabel(label)
+    settings = results["settings"]
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False)
+    for ax, (setting, r) in zip(axes[0], settings.items()):
+        for name, rows in r["runs"].items():
+            if name == "sft":  # SFT generates no tokens: its final accuracy, as a line
+                ax.axhline(rows[-1]["acc"], color="tab:green", linestyle="-.", label=f"SFT on the references (final, 0 tokens)")
+                continue
+            ax.errorbar([0] + [x["tokens"] for x in rows], [r["warm_start"]] + [x["acc"] for x in rows],
+                        yerr=[0] + [x["acc_std"] for x in rows], label=name.upper(), marker="o", capsize=3)
+        ax.axhline(r["teacher"], color="gray", linestyle="--", label="teacher (reference shown)")
+        ax.set_title(f"{setting} references")
+        ax.set_xlabel("generated tokens")
         ax.set_ylabel("held-out greedy accuracy")
+        ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"toy world: {len(results['seeds'])} seeds, mean ± std")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"toy world: {len(results['seeds'])} seeds, mean ± std, {results['steps']} steps")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"plot: {path}")
+
+
+def main():
+    args = parser.parse_args()
+    names, default_settings = TABLES[args.table]
+    settings = args.settings.split(",") if args.settings else default_settings
+    seeds = [int(s) for s in args.seeds.split(",")]
+    results = {"table": args.table, "steps": args.steps, "seeds": seeds, "settings": {}}
+    for setting in settings:
+        p = toy.ensure_prepared(setting)
+        start, teacher = toy.accuracy(p["warm"], p["test"]), toy.accuracy(p["warm"], p["test"], teacher=True)
+        print(f"{setting} references: warm start student {start:.1%}, teacher {teacher:.1%}", flush=True)
+        outs = {(n, s): run_one(n, setting, s, args) for s in seeds for n in names}  # seed-major: early results cover every run
+        results["settings"][setting] = {"warm_start": start, "teacher": teacher,
+                                        "runs": {n: summarize([curve(outs[n, s]) for s in seeds]) for n in names}}
+    text = (f"{len(seeds)} seeds, {args.steps} steps, held-out greedy accuracy on 256 test problems (mean ± std over seeds)\n\n"
+            + report(results, args.table))
+    print("\n" + text)
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, f"{args.table}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(args.out_dir, f"{args.table}.md"), "w") as f:
+        f.write(text + "\n")
+    if args.plot and args.table == "methods":
+        plot(results, args.plot)
 
 
 if __name__ == "__main__":
