@@ -504,3 +504,94 @@ def test_help_documents_every_option():
         assert action.help and action.help.strip(), action.option_strings
         for option in action.option_strings:
             assert option in result.stdout, option
+
+# -----------------------------------------------------------------------------
+# 9. the authors' recipe and the follow-up options: per-entry clip, vOPD baseline, diagnostics, teacher context
+
+
+def test_entry_clip_caps_each_vocabulary_term_and_can_push_the_teachers_favourite_down():
+    """The official --jsd_token_clip, on 4 tokens: the teacher prefers token 0 (0.7 against the student's 0.1), so
+    its forward-KL term 0.7 ln 7 = 1.36 is capped at 0.05. Its gradient then comes only through the softmax
+    normaliser, and gradient descent *lowers* the token the teacher prefers; the loss itself is negative."""
+    p_teacher = torch.tensor([0.7, 0.1, 0.1, 0.1], dtype=torch.float64)
+    p_student = torch.tensor([0.1, 0.3, 0.3, 0.3], dtype=torch.float64)
+    student_logits = p_student.log().requires_grad_()
+    clipped = opsd.generalized_jsd(student_logits, p_teacher.log(), 0.0, entry_clip=0.05)
+    clipped.backward()
+    terms = p_teacher * (p_teacher.log() - p_student.log())  # [1.36, -0.11, -0.11, -0.11]
+    assert clipped.item() == pytest.approx(0.05 + terms[1:].sum().item(), abs=1e-12) and clipped.item() < 0
+    # d/dz_0 of the unclipped terms alone: p_S(0) * sum_{u unclipped} p_T(u) = 0.1 * 0.3, positive: z_0 goes down
+    assert student_logits.grad[0].item() == pytest.approx(0.1 * 0.3, abs=1e-12)
+    free = p_student.log().requires_grad_()
+    opsd.generalized_jsd(free, p_teacher.log(), 0.0).backward()
+    assert free.grad[0].item() == pytest.approx(0.1 - 0.7, abs=1e-12)  # without the clip: p_S - p_T < 0, z_0 goes up
+    # the loss's --entry-clip path is this function
+    problem = loss_problem(n=6, seed=9)
+    logits = problem["student_hidden"] @ problem["weight"].T
+    out = token_fn(problem["weight"], beta=0.0, entry_clip=0.05)(logits, problem["teacher_hidden"], problem["targets"])
+    expected = opsd.generalized_jsd(logits / TEMPERATURE, problem["teacher_hidden"] @ problem["weight"].T / TEMPERATURE, 0.0, 0.05)
+    torch.testing.assert_close(out["loss"], expected)
+
+
+def test_vopd_baseline_leaves_the_expected_gradient_unchanged():
+    """E_{y ~ p_S}[grad(-A(y) log p_S(y))] by exact enumeration over a 7-token vocabulary: with A = log p_T - log p_S
+    and with the vOPD baseline A + KL(p_S || p_T) (a constant per position), the expectation is the same."""
+    generator = torch.Generator().manual_seed(11)
+    vocab = 7
+    z = (torch.randn(vocab, generator=generator, dtype=torch.float64) * 2)
+    teacher_hidden = torch.randn(vocab, vocab, generator=generator, dtype=torch.float64)
+    teacher_hidden[:] = teacher_hidden[0]  # the same position, once per possible sampled token
+    weight = torch.eye(vocab, dtype=torch.float64)  # teacher logits = teacher_hidden
+    p_student = z.softmax(-1)
+
+    def expected_gradient(baseline):
+        leaf = z.clone().requires_grad_()
+        out = token_fn(weight, temperature=1.0, loss="sampled", baseline=baseline)(leaf.expand(vocab, vocab), teacher_hidden, torch.arange(vocab))
+        (out["loss"] * p_student).sum().backward()
+        return leaf.grad, out["loss"].detach()
+    plain, plain_losses = expected_gradient("none")
+    vopd, vopd_losses = expected_gradient("vopd")
+    torch.testing.assert_close(vopd, plain, atol=1e-12, rtol=0)
+    assert (vopd_losses - plain_losses).abs().max() > 1e-3  # the per-sample losses (and gradients) do differ
+    assert plain.abs().max() > 1e-3
+
+
+def test_diagnostics_are_the_students_entropy_and_argmax_agreement():
+    problem = loss_problem(n=10, seed=12)
+    problem["teacher_hidden"] = problem["student_hidden"] + 0.7 * problem["teacher_hidden"]  # close: they agree sometimes
+    logits = problem["student_hidden"] @ problem["weight"].T
+    out = token_fn(problem["weight"], beta=0.5)(logits, problem["teacher_hidden"], problem["targets"])
+    p = (logits / TEMPERATURE).double().softmax(-1)
+    torch.testing.assert_close(out["entropy"].double(), -(p * p.log()).sum(-1), atol=1e-6, rtol=0)
+    agree = (logits.argmax(-1) == (problem["teacher_hidden"] @ problem["weight"].T).argmax(-1)).float()
+    assert torch.equal(out["agreement"], agree)
+    assert 0 < agree.sum() < 10  # both cases occur, so a constant would fail
+    assert [m.lower() for m in opsd.EPISTEMIC.findall("Wait, hmm... but maybe 3. Let me check: butter is waiting; PERHAPS.")] == \
+        ["wait", "hmm", "but", "maybe", "let me check", "perhaps"]
+
+
+def test_the_step_log_carries_the_diagnostics(world, tmp_path):
+    summary = opsd.main(run_args(world, tmp_path, "--max-steps", "1"))
+    assert 0 < summary["entropy"] and 0 <= summary["agreement"] <= 1 and summary["epistemic_per_1k"] >= 0
+    assert json.loads(open(tmp_path / "log.jsonl").readline()).keys() >= {"entropy", "agreement", "epistemic_per_1k"}
+
+
+@pytest.mark.parametrize("preset,expected", [
+    ("paper", dict(loss="jsd", beta=0.5, entry_clip=0.0, thinking=True, max_new_tokens=2048, lr=2e-5, max_grad_norm=1.0)),
+    ("authors", dict(loss="jsd", beta=0.0, entry_clip=0.05, thinking=False, max_new_tokens=1024, lr=5e-6, max_grad_norm=0.1,
+                     temperature=1.1, top_p=0.95, sampling_top_k=20)),
+])
+def test_recipes_by_name_and_a_flag_still_wins(world, preset, expected):
+    args = common.parse_config(opsd.get_parser(), ["--preset", preset, "--model", world["model"]])
+    assert {k: getattr(args, k) for k in expected} == expected
+    assert common.parse_config(opsd.get_parser(), ["--preset", preset, "--model", world["model"], "--lr", "1e-4"]).lr == 1e-4
+
+
+def test_answer_only_teacher_sees_the_answer_and_not_the_solution(world, tmp_path, monkeypatch):
+    seen, real = [], prompts.teacher_prompt_ids
+    monkeypatch.setattr(prompts, "teacher_prompt_ids", lambda tokenizer, record, thinking, context: seen.append((record, context))
+                        or real(tokenizer, record, thinking, context))
+    opsd.main(run_args(world, tmp_path, "--max-steps", "1", "--teacher-context", "answer"))
+    assert [context for _, context in seen] == ["answer"] * 4
+    text = world["tokenizer"].decode(real(world["tokenizer"], seen[0][0], False, "answer"))
+    assert seen[0][0]["answer"] in text and seen[0][0]["solution"].splitlines()[0] not in text
