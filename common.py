@@ -147,7 +147,7 @@ TOY_COMMON = dict(lora_r=16, lora_alpha=32, lr=1e-3, warmup_ratio=0.1, max_new_t
 TOY = {"opsd": dict(TOY_COMMON, batch_size=32, max_steps=150),
        "grpo": dict(TOY_COMMON, batch_size=4, group_size=8, max_steps=150, lr=3e-4),
        "sft": dict(TOY_COMMON, batch_size=32, max_steps=150),
-       "eval": dict(n=1, temperature=0.0, top_p=1.0, max_new_tokens=96, thinking=False, sampler="hf")}
+       "eval": dict(samples=1, temperature=0.0, top_p=1.0, max_new_tokens=96, thinking=False, sampler="hf")}
 TOY_SETTINGS = ("own", "expert")  # the style of the reference solutions (toy.py)
 
 
@@ -619,7 +619,7 @@ def finish(run, args, sampler):
     if sampler is not None:
         sampler.close()
     STOP.graceful = False
-    if run.world > 1:
+    if run.world > 1 and dist.is_initialized():  # (a vLLM engine's teardown may have destroyed it already)
         dist.destroy_process_group()
     where = f"latest checkpoint {os.path.join(args.out_dir, f'checkpoint-{run.last_saved:06d}')}" if run.last_saved else "no checkpoint"
     print0(f"{run.script}: log {os.path.join(args.out_dir, 'log.jsonl')}, {where}")

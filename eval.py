@@ -9,7 +9,7 @@ Evaluate a base model or a trained adapter on the paper's benchmarks: avg@n, pas
   4. grade the last \\boxed{} against the gold answer (prompts.grade: math-verify + normalised compare);
   5. per problem, avg@n, pass@k (unbiased) and maj@k; means per benchmark and over all problems (lm.run_eval).
 Samples are appended to samples.jsonl after every sampler call, so a kill loses at most the call in flight
-(--batch-size problems x --n samples) and `--resume` samples only what is missing, with the same summary.
+(--batch-size problems x --samples samples) and `--resume` samples only what is missing, with the same summary.
 
 Departures from the official OPSD eval code:
   - the prompt is the training prompt (the official code worded its training and eval prompts differently);
@@ -53,8 +53,8 @@ def get_parser():
     group.add_argument("--limit", type=common.positive_int, default=None, help="only the first N problems of each benchmark")
     group.add_argument("--teacher-context", choices=sorted(prompts.TEACHER_CONTEXTS), default=None, help="prompt as the OPSD teacher, with this privileged context (the reference solution, or only its answer); default: the student prompt")
     group = common.sampling_options(parser, temperature=1.2, max_new_tokens=38912, gpu_memory=0.9)
-    group.add_argument("--n", type=common.positive_int, default=16, help="samples per problem")
-    group.add_argument("--batch-size", type=common.positive_int, default=64, help="problems per sampler call (x n sequences); also what a kill can lose")
+    group.add_argument("--samples", type=common.positive_int, default=16, help="samples per problem, n in avg@n (not --n: under torchrun that is an ambiguous prefix of torchrun's own options)")
+    group.add_argument("--batch-size", type=common.positive_int, default=64, help="problems per sampler call (x --samples sequences); also what a kill can lose")
     parser.set_defaults(top_p=0.95, thinking=True)  # the paper's evaluation: thinking on, top-p 0.95
     group = parser.add_argument_group("output")
     group.add_argument("--out-dir", default="runs/eval", help="samples.jsonl and summary.json go here; it must be empty unless --resume or --overwrite")
@@ -116,13 +116,13 @@ def main(argv=None):
     if kind == "vllm" and adapter:
         sampler.use_adapter(adapter, 1)  # one fixed adapter: one LoRARequest id for the whole run
     samples_path = os.path.join(args.out_dir, "samples.jsonl")
-    common.print0(f"{len(records)} problems x {args.n} samples | {args.model}" + (f" + {adapter}" if adapter else "")
+    common.print0(f"{len(records)} problems x {args.samples} samples | {args.model}" + (f" + {adapter}" if adapter else "")
                   + f" | T={args.temperature} top_p={args.top_p} thinking={args.thinking} | {type(sampler).__name__} | "
                   f"{world} ranks | writing to {samples_path}")
     # 6. sample, grade, summarise
     settings = {"model": args.model, "adapter": adapter, "data": args.data or args.benchmarks,
                 **{k: getattr(args, k) for k in ("teacher_context", "temperature", "top_p", "sampling_top_k", "max_new_tokens", "thinking", "seed")}}
-    summary = lm.run_eval(tokenizer, records, sampler, n=args.n, temperature=args.temperature, top_p=args.top_p,
+    summary = lm.run_eval(tokenizer, records, sampler, n=args.samples, temperature=args.temperature, top_p=args.top_p,
                           max_new_tokens=args.max_new_tokens, thinking=args.thinking, teacher_context=args.teacher_context,
                           rank=rank, world=world, out_path=samples_path, resume=args.resume, settings=settings,
                           batch_size=args.batch_size, progress=True)
@@ -133,7 +133,7 @@ def main(argv=None):
             json.dump({**summary, "config": vars(args)}, f, indent=2)
         print(format_table(summary), flush=True)
         print(f"eval: samples in {samples_path}, summary in {os.path.join(args.out_dir, 'summary.json')}", flush=True)
-    if world > 1:
+    if world > 1 and dist.is_initialized():  # (a vLLM engine's teardown may have destroyed it already)
         dist.destroy_process_group()
     return summary
 

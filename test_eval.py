@@ -20,7 +20,7 @@ def tiny(tmp_path_factory):
 
 
 def cli(tiny, out_dir, *extra, n=2, temperature="0"):
-    return ["--model", tiny["model"], "--data", tiny["data"], "--n", str(n), "--temperature", temperature,
+    return ["--model", tiny["model"], "--data", tiny["data"], "--samples", str(n), "--temperature", temperature,
             "--max-new-tokens", "12", "--no-thinking", "--sampler", "hf", "--out-dir", str(out_dir), *extra]
 
 
