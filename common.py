@@ -601,10 +601,10 @@ def evaluate(run, args, sampler, step):
 def end_step(run, args, step, extra_state, stop=False):
     """After a step's update, log and eval: the checkpoint every --save-every steps, at the end, at --stop-after,
     when Ctrl-C asked to stop, and when the script says `stop`. True when the loop stops here."""
-    stop = torch.tensor(float(STOP.requested), device=run.device)
+    requested = torch.tensor(float(STOP.requested), device=run.device)
     if run.world > 1:
-        dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops after the same step
-    interrupted, last = bool(stop.item()), step + 1 == run.total_steps
+        dist.all_reduce(requested, op=dist.ReduceOp.MAX)  # every rank stops after the same step
+    interrupted, last = bool(requested.item()), step + 1 == run.total_steps
     stop = stop or interrupted or step + 1 == args.stop_after
     if (step + 1) % args.save_every == 0 or last or stop:
         save_checkpoint(run, args, step + 1, extra_state)

@@ -18,7 +18,6 @@ Run:
   python sft.py                                                        # 1 GPU (Qwen3-1.7B, LoRA)
   torchrun --standalone --nproc_per_node 8 sft.py
 """
-import math
 import time
 
 import torch
@@ -119,7 +118,8 @@ def main(argv=None):
                                 f"{summary['tokens_per_s']:.0f} tok/s | step {elapsed:.2f}s | lr {lr:.2e}")
         reached = False
         if common.eval_due(args, step, run.total_steps):
-            reached = common.evaluate(run, args, sampler, step + 1)["avg"] >= (args.stop_at_eval_avg or math.inf)
+            evaluation = common.evaluate(run, args, sampler, step + 1)
+            reached = args.stop_at_eval_avg is not None and evaluation["avg"] >= args.stop_at_eval_avg
         if common.end_step(run, args, step, {"trained_tokens": trained_total}, stop=reached):
             break
     common.finish(run, args, sampler)

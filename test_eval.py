@@ -237,3 +237,35 @@ def test_ranks_split_the_problems_and_all_return_the_single_process_summary(tiny
     assert results[0] == results[1]  # all-reduced: the same on every rank
     assert results[0]["benchmarks"]["data"] == pytest.approx(single["benchmarks"]["data"])  # sums in another order
     assert {k: v for k, v in results[0].items() if k != "benchmarks"} == pytest.approx({k: v for k, v in single.items() if k != "benchmarks"})
+
+
+def test_resume_with_another_model_or_settings_is_refused_and_names_them(tiny, tmp_path):
+    evaluate.main(cli(tiny, tmp_path))
+    adapter = make_adapter(tiny, str(tmp_path / "adapter"))
+    with pytest.raises(prompts.UserError, match=r"adapter: was None, now '.*adapter'"):
+        evaluate.main(cli(tiny, tmp_path, "--resume", "--adapter", adapter))
+    with pytest.raises(prompts.UserError, match=r"temperature: was 0\.0, now 1\.0"):
+        evaluate.main(cli(tiny, tmp_path, "--resume", temperature="1.0"))
+    assert len(read_rows(tmp_path / "samples.jsonl")) == 10  # untouched
+    assert evaluate.main(cli(tiny, tmp_path, "--resume", "--samples", "3"))["samples"] == 15  # more samples: allowed
+
+
+def test_a_kill_loses_at_most_the_sampler_call_in_flight(tiny, tmp_path):
+    class DiesOnSecondCall(FakeSampler):
+        calls = 0
+
+        def generate(self, prompt_ids, n, *args, **kwargs):
+            self.calls += 1
+            if self.calls == 2:
+                raise KeyboardInterrupt
+            return super().generate(prompt_ids, n, *args, **kwargs)
+    records = toy.make_records("test", 5, seed=4)
+    with pytest.raises(KeyboardInterrupt):
+        lm.run_eval(tiny["tokenizer"], records, DiesOnSecondCall(tiny["tokenizer"]), n=2, temperature=1.0, max_new_tokens=8,
+                    thinking=False, out_path=str(tmp_path / "samples.jsonl"), batch_size=2)
+    assert sorted({r["problem_id"] for r in read_rows(tmp_path / "samples.jsonl")}) == [0, 1]  # the first call's 2 problems
+
+
+def test_thinking_is_on_by_default_and_the_flag_reads_that_way():
+    help_text = " ".join(evaluate.get_parser().format_help().split())
+    assert "--thinking, --no-thinking" in help_text and evaluate.get_parser().parse_args([]).thinking is True

