@@ -65,8 +65,9 @@ def apply_idea(name, directory):
 def run_one(name, setting, seed, args):
     out = os.path.join(args.out_dir, setting, f"{name.replace(' ', '_').replace(':', '')}_seed{seed}")
     log = os.path.join(out, "log.jsonl")
-    if os.path.exists(log) and any(r.get("step") == args.steps and "eval" in r for r in prompts.read_jsonl(log, torn_tail_ok=True)[0]):
-        print(f"{setting} / {name} / seed {seed}: done already, skipped", flush=True)
+    rows = prompts.read_jsonl(log, torn_tail_ok=True)[0] if os.path.exists(log) else []
+    if rows and max(r["step"] for r in rows) == args.steps and any(r["step"] == args.steps and "eval" in r for r in rows):
+        print(f"{setting} / {name} / seed {seed}: done already, skipped", flush=True)  # the same length, finished
         return out
     shutil.rmtree(out, ignore_errors=True)  # a partial run starts again (it checkpoints only at the end)
     script, flags, idea = RUNS[name]

@@ -28,18 +28,15 @@ def test_expert_references_are_right_end_in_the_gold_and_differ_from_the_student
     for a, b in pairs:
         text = toy.expert_solution(a, b)
         head, box = text.split("\n")
-        problem, rest = head.split(": ")
-        steps, answer = rest.split(", so ")
+        problem, terms, products, answer = head.split(" = ")
         assert problem == f"{a}*{b}" and int(answer) == a * b and prompts.extract_boxed(box) == str(a * b)
-        carry, digits = 0, []
-        for digit, step in zip(reversed(str(a)), steps.split(", ")):  # right to left: product (+ carry = value)
-            value = int(digit) * b + carry
-            assert step == (str(value) if carry == 0 else f"{int(digit) * b}+{carry}={value}")
-            carry, digits = value // 10, digits + [value % 10]
-        assert int(str(carry) + "".join(map(str, reversed(digits)))) == a * b and len(steps.split(", ")) == len(str(a))
+        # left to right, one partial product per nonzero digit at its place value, and they sum to the answer
+        places = [int(d) * 10 ** i for i, d in enumerate(reversed(str(a))) if d != "0"][::-1]
+        assert terms.split(" + ") == [f"{p}*{b}" for p in places]
+        assert products.split(" + ") == [str(p * b) for p in places] and sum(p * b for p in places) == a * b
         assert prompts.grade(text, str(a * b))
         assert not any(own_line.match(line) for line in text.splitlines())  # not one line in the student's own style
-    assert toy.expert_solution(3456, 7) == "3456*7: 42, 35+4=39, 28+3=31, 21+3=24, so 24192\n\\boxed{24192}"
+    assert toy.expert_solution(3056, 7) == "3056*7 = 3000*7 + 50*7 + 6*7 = 21000 + 350 + 42 = 21392\n\\boxed{21392}"
     records = toy.make_records("test", 20, 0, references="expert")
     assert all(r["solution"] == toy.expert_solution(r["a"], r["b"]) and r["answer"] == str(r["a"] * r["b"]) for r in records)
 

@@ -64,14 +64,11 @@ def own_solution(a, b):
 
 
 def expert_solution(a, b):
-    """Another solver's style, terse: each digit's product, right to left, with the carry added (no digits restated,
-    no multiplications written out), then the answer."""
-    steps, carry = [], 0
-    for digit in reversed(str(a)):
-        product = int(digit) * b
-        steps.append(str(product) if carry == 0 else f"{product}+{carry}={product + carry}")
-        carry = (product + carry) // 10
-    return f"{a}*{b}: {', '.join(steps)}, so {a * b}\n\\boxed{{{a * b}}}"
+    """Another solver's style: the partial products of each digit's place value, left to right, then their sum."""
+    places = [(int(d), 10 ** (len(str(a)) - 1 - i)) for i, d in enumerate(str(a)) if d != "0"]
+    terms = " + ".join(f"{d * place}*{b}" for d, place in places)
+    products = " + ".join(str(d * place * b) for d, place in places)
+    return f"{a}*{b} = {terms} = {products} = {a * b}\n\\boxed{{{a * b}}}"
 
 
 REFERENCES = {"own": own_solution, "expert": expert_solution}
@@ -188,7 +185,11 @@ def build_tiny(root, hidden=32, layers=2, heads=2, split="train", n_problems=32,
 # teacher solves 57% at step 225 while the student solves 1%, and 81% against 45% at step 425. With 20/35/45 the
 # student took off first (41% against the teacher's 17% at step 350), and where the teacher's late jump lands
 # differs from machine to machine: another machine gave the teacher 88% at step 350, this one 17%.
-
+# Expert references are harder to use: only their final answer can be copied into an own-style solution, and a tiny
+# model learns to compute the digit lines (which always agree with that answer) rather than to copy it. Measured
+# (student/teacher on validation): partial products with 15/55 give 55%/56% at step 375 and 87%/77% at 600, with
+# 15/65 the teacher stays behind; a terse expert line (`3456*7: 42, 35+4=39, ...`) gives 57%/10% at step 350 and
+# 97%/47% at 500. So in the expert setting the teacher starts level with the student, not ahead of it.
 MIX = {"own": {"teacher": 0.15, "mismatched": 0.55}, "expert": {"teacher": 0.15, "mismatched": 0.55}}
 
 
