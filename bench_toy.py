@@ -5,6 +5,7 @@ greedy held-out accuracy every --eval-every steps (256 test problems, the same f
   python bench_toy.py                       # methods: OPSD, GRPO and SFT, with own-style and expert references
   python bench_toy.py --table variants      # OPSD variants and the ideas/ patches, own-style references
   python bench_toy.py --seeds 0 --steps 50  # a quick look
+  python bench_toy.py --table variants --only "opsd sampled-token"   # some runs only (two processes can share a table)
 Budgets match in generated tokens per step: OPSD samples 1 rollout for each of 32 problems, GRPO 8 rollouts for each
 of 4 problems; SFT generates nothing (it trains on the references). Every method uses the learning rate of its toy
 preset (common.TOY): no method was tuned more than another here. Finished runs are skipped on a re-run (a run is
@@ -45,6 +46,7 @@ parser = argparse.ArgumentParser(description="OPSD, GRPO and SFT (or OPSD's vari
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--table", choices=sorted(TABLES), default="methods", help="which comparison to run")
 parser.add_argument("--settings", default=None, help="comma-separated reference settings (default: the table's)")
+parser.add_argument("--only", default=None, help="comma-separated run names: run only these of the table's runs (no table is written)")
 parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
 parser.add_argument("--steps", type=common.positive_int, default=150, help="optimizer steps per run (the same for every run)")
 parser.add_argument("--eval-every", type=common.positive_int, default=25, help="held-out greedy eval every N steps")
@@ -185,6 +187,11 @@ def plot(results, path):
 def main():
     args = parser.parse_args()
     names, default_settings = TABLES[args.table]
+    if args.only:
+        unknown = set(args.only.split(",")) - set(names)
+        if unknown:
+            parser.error(f"--only: not runs of the {args.table} table: {', '.join(sorted(unknown))} (choose from {', '.join(names)})")
+        names = [n for n in names if n in args.only.split(",")]
     settings = args.settings.split(",") if args.settings else default_settings
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {"table": args.table, "steps": args.steps, "seeds": seeds, "settings": {}}
@@ -196,6 +203,8 @@ def main():
         outs = {(n, s): run_one(n, setting, s, args) for s in seeds for n in names}  # seed-major: early results cover every run
         results["settings"][setting] = {"warm_start": start, "teacher": teacher, "teacher_answer_only": answer_only,
                                         "runs": {n: summarize([curve(outs[n, s]) for s in seeds]) for n in names}}
+    if args.only:  # a part of the table: its runs are done (and skipped by the next full run), no table
+        return
     text = (f"{len(seeds)} seeds, {args.steps} steps, held-out greedy accuracy on 256 test problems (mean ± std over seeds)\n\n"
             + report(results, args.table))
     print("\n" + text)
