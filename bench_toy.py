@@ -120,7 +120,8 @@ def tokens_to_reach(start, rows, target):
 
 
 def cell(rows):
-    return f"{rows[-1]['acc']:.1%} ± {rows[-1]['acc_std']:.1%}"
+    last = rows[-1]
+    return f"{last['acc']:.1%}" + (f" ± {last['acc_std']:.1%}" if len(last["acc_seeds"]) > 1 else "")  # no spread from one seed
 
 
 def report(results, table):
@@ -205,7 +206,8 @@ def main():
                                         "runs": {n: summarize([curve(outs[n, s]) for s in seeds]) for n in names}}
     if args.only:  # a part of the table: its runs are done (and skipped by the next full run), no table
         return
-    text = (f"{len(seeds)} seeds, {args.steps} steps, held-out greedy accuracy on 256 test problems (mean ± std over seeds)\n\n"
+    text = (f"{len(seeds)} seed{'s' * (len(seeds) > 1)}, {args.steps} steps, held-out greedy accuracy on 256 test problems"
+            f"{' (mean ± std over seeds)' * (len(seeds) > 1)}\n\n"
             + report(results, args.table))
     print("\n" + text)
     os.makedirs(args.out_dir, exist_ok=True)
