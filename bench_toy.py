@@ -125,34 +125,35 @@ def cell(rows):
 
 
 def report(results, table):
-    lines = []
+    lines, notes = [], []
     if table == "methods":
         lines += ["| setting | OPSD | GRPO | SFT on the references | warm start | teacher (reference shown) |", "|---|---|---|---|---|---|"]
         for setting, r in results["settings"].items():
             lines.append(f"| {setting} | {cell(r['runs']['opsd'])} | {cell(r['runs']['grpo'])} | {cell(r['runs']['sft'])} | "
                          f"{r['warm_start']:.1%} | {r['teacher']:.1%} |")
-        lines += ["", "| setting | method | gain over warm start | generated tokens | training time (s) |", "|---|---|---|---|---|"]
+        lines += ["", "| setting | method | gain over warm start (points) | generated tokens | training time (s) |", "|---|---|---|---|---|"]
     else:
         for setting, r in results["settings"].items():
             lines += [f"{setting} references: warm start {r['warm_start']:.1%}; teacher with the reference {r['teacher']:.1%}, with only "
                       f"the final answer {r['teacher_answer_only']:.1%} (the warm start never showed it an answer alone)", ""]
-        lines += ["| variant | flags | final accuracy | gain over warm start | generated tokens | training time (s) |", "|---|---|---|---|---|---|"]
+        lines += ["| variant | flags | final accuracy | gain over warm start (points) | generated tokens | training time (s) |",
+                  "|---|---|---|---|---|---|"]
     for setting, r in results["settings"].items():
         for name, rows in r["runs"].items():
-            last, gain = rows[-1], rows[-1]["acc"] - r["warm_start"]
+            last, gain = rows[-1], 100 * (rows[-1]["acc"] - r["warm_start"])
             if table == "methods":
-                lines.append(f"| {setting} | {name} | {gain:+.1%} | {last['tokens']:,.0f} | {last['seconds']:.0f} |")
+                lines.append(f"| {setting} | {name} | {gain:+.1f} | {last['tokens']:,.0f} | {last['seconds']:.0f} |")
             else:
-                lines.append(f"| {name} | `{' '.join(RUNS[name][1]) or '(defaults)'}` | {cell(rows)} | {gain:+.1%} | {last['tokens']:,.0f} | {last['seconds']:.0f} |")
+                lines.append(f"| {name} | `{' '.join(RUNS[name][1]) or '(defaults)'}` | {cell(rows)} | {gain:+.1f} | {last['tokens']:,.0f} | {last['seconds']:.0f} |")
         if "opsd" in r["runs"] and "grpo" in r["runs"]:
             grpo = r["runs"]["grpo"][-1]
             reached = tokens_to_reach(r["warm_start"], r["runs"]["opsd"], grpo["acc"])
             if reached is None:
-                lines.append(f"\n{setting}: OPSD does not reach GRPO's final accuracy ({grpo['acc']:.1%}) within the budget.")
+                notes.append(f"{setting}: OPSD does not reach GRPO's final accuracy ({grpo['acc']:.1%}) within the budget.")
             else:
-                lines.append(f"\n{setting}: OPSD reaches GRPO's final accuracy ({grpo['acc']:.1%}) after ~{reached:,.0f} generated tokens "
+                notes.append(f"{setting}: OPSD reaches GRPO's final accuracy ({grpo['acc']:.1%}) after ~{reached:,.0f} generated tokens "
                              f"(interpolated between evals), {grpo['tokens'] / max(reached, 1.0):.1f}x fewer than GRPO's {grpo['tokens']:,.0f}.")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] * bool(notes) + notes)
 
 
 def plot(results, path):
