@@ -8,6 +8,7 @@ stops at its stop token); each cell is the best of --repeats calls, after one wa
 The answer decides `--sampler auto`: on CPU it picks HF unless vLLM is faster here.
 """
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -31,13 +32,12 @@ parser.add_argument("--lora-r", type=common.positive_int, default=16, help="rank
 
 def time_calls(sampler, prompt_ids, temperature, repeats, max_new_tokens):
     sampler.generate(prompt_ids[:4], 1, 8, temperature, seed=0)  # warm-up: first-call compilation and caches
-    best = None
+    rates = []
     for r in range(repeats):
         t0 = time.perf_counter()
         tokens = sum(len(s[0]) for s in sampler.generate(prompt_ids, 1, max_new_tokens, temperature, seed=r))
-        rate = tokens / (time.perf_counter() - t0)
-        best = max(best or 0.0, rate)
-    return best, tokens
+        rates.append(tokens / (time.perf_counter() - t0))
+    return max(rates), tokens
 
 
 def main():
@@ -47,8 +47,8 @@ def main():
     cpu = torch.device("cpu")
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M} | {platform.node()} | {os.cpu_count()} CPUs | torch {torch.__version__} "
           f"({torch.get_num_threads()} threads) | {model_dir} | {args.prompts} prompts x {args.max_new_tokens} new tokens", flush=True)
-    model, tokenizer = lm.load_model(model_dir, cpu, lora=dict(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model, tokenizer = lm.load_model(model_dir, cpu, lora=dict(r=args.lora_r, lora_alpha=2 * args.lora_r,
+                                                                      target_modules=common.LORA_TARGETS.split(",")))
     torch.manual_seed(0)
     with torch.no_grad():  # a non-zero adapter: PEFT starts B at 0, and the LoRA kernels must do real work
         for name, p in model.named_parameters():
@@ -62,11 +62,8 @@ def main():
     hf = lm.HFSampler(model, tokenizer, stop_ids, batch_size=args.prompts)
     for adapter in (False, True):
         for temperature in (0.0, 1.0):
-            if adapter:
+            with contextlib.nullcontext() if adapter else model.disable_adapter():
                 rate, tokens = time_calls(hf, prompt_ids, temperature, args.repeats, args.max_new_tokens)
-            else:
-                with model.disable_adapter():
-                    rate, tokens = time_calls(hf, prompt_ids, temperature, args.repeats, args.max_new_tokens)
             rows.append(("hf", adapter, temperature, rate, tokens))
     with tempfile.TemporaryDirectory() as adapter_dir:
         vllm = lm.make_sampler("vllm", model=None, tokenizer=tokenizer, model_path=model_dir, device=cpu, lora_rank=args.lora_r, seed=0,

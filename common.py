@@ -58,6 +58,9 @@ fraction, positive_float, nonnegative = bounded(float, 0.0, 1.0), bounded(float,
 probability = bounded(float, 0.0, 1.0, low_open=True)
 
 
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # every linear layer of a Qwen3 block (the paper's)
+
+
 def model_options(parser, lora=True):
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="Qwen/Qwen3-1.7B", help="HF id or local directory of the base model")
@@ -65,7 +68,7 @@ def model_options(parser, lora=True):
         group.add_argument("--lora-r", type=positive_int, default=64, help="LoRA rank")
         group.add_argument("--lora-alpha", type=positive_float, default=128, help="LoRA alpha")
         group.add_argument("--lora-dropout", type=fraction, default=0.0, help="LoRA dropout; 0 keeps the scored policy equal to the sampling one")
-        group.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", help="comma-separated module names")
+        group.add_argument("--lora-targets", default=LORA_TARGETS, help="comma-separated module names")
         group.add_argument("--full-finetune", action="store_true", help="train every weight instead of LoRA; a fixed or EMA teacher then keeps a full frozen copy (2x weight memory), and vLLM cannot sample")
         group.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (long sequences)")
     return group

@@ -1,4 +1,5 @@
 """sft.py: the loss mask, padded = one at a time, learning, from scratch, resume (CPU, tiny models)."""
+import json
 import os
 
 import pytest
@@ -55,7 +56,6 @@ def test_loss_goes_down_on_a_tiny_model(tiny, tmp_path):
             "--max-problems", "8", "--lr", "1e-2", "--warmup-ratio", "0", "--full-finetune", "--out-dir", str(tmp_path),
             "--save-every", "100"]
     sft.main(args)
-    import json
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "log.jsonl")]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
@@ -96,7 +96,6 @@ def test_stop_at_eval_avg_stops_and_saves_at_the_first_eval_that_reaches_it(tiny
     argv = ["--model", d, "--data", data, "--batch-size", "4", "--micro-batch-size", "4", "--lora-r", "8", "--lora-alpha", "16",
             "--max-steps", "10", "--eval-every", "3", "--eval-data", data, "--max-new-tokens", "8", "--save-every", "100"]
     sft.main(argv + ["--out-dir", str(tmp_path / "stops"), "--stop-at-eval-avg", "0"])  # any avg reaches 0
-    import json
     assert [r["step"] for r in map(json.loads, open(tmp_path / "stops" / "log.jsonl"))] == [1, 2, 3, 3]  # 3 steps, then the eval
     assert common.follow_latest(str(tmp_path / "stops")).endswith("checkpoint-000003")
     sft.main(argv + ["--out-dir", str(tmp_path / "runs_on"), "--stop-at-eval-avg", "1"])  # a random model never gets all right

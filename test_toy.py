@@ -49,7 +49,7 @@ def test_warm_start_mixes_student_teacher_and_mismatched_examples():
     own = [r for r in rows if not r.get("reference")]
     teacher = [r for r in rows if r.get("reference") == toy.own_solution(*numbers(r["problem"]))]
     mismatched = [r for r in rows if r.get("reference") and r not in teacher]  # another problem's reference
-    for group, share in ((own, 1 - sum(toy.MIX["own"].values())), (teacher, toy.MIX["own"]["teacher"]), (mismatched, toy.MIX["own"]["mismatched"])):
+    for group, share in ((own, 1 - sum(toy.MIX.values())), (teacher, toy.MIX["teacher"]), (mismatched, toy.MIX["mismatched"])):
         assert abs(len(group) / len(rows) - share) < 0.03
     assert all(r["solution"] == r["reference"] for r in teacher + mismatched)  # the target is the reference
 

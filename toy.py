@@ -190,11 +190,11 @@ def build_tiny(root, hidden=32, layers=2, heads=2, split="train", n_problems=32,
 # (student/teacher on validation): partial products with 15/55 give 55%/56% at step 375 and 87%/77% at 600, with
 # 15/65 the teacher stays behind; a terse expert line (`3456*7: 42, 35+4=39, ...`) gives 57%/10% at step 350 and
 # 97%/47% at 500. So in the expert setting the teacher starts level with the student, not ahead of it.
-MIX = {"own": {"teacher": 0.15, "mismatched": 0.55}, "expert": {"teacher": 0.15, "mismatched": 0.55}}
+MIX = {"teacher": 0.15, "mismatched": 0.55}  # the rest is student-format; the same for both reference settings
 
 
 def warmstart_records(n, references="own", seed=0):
-    rng, style, mix = random.Random(f"warm-{seed}"), REFERENCES[references], MIX[references]
+    rng, style, mix = random.Random(f"warm-{seed}"), REFERENCES[references], MIX
     rows = []
     for _ in range(n):
         a, b = sample_pair(rng, "train")
