@@ -5,7 +5,7 @@ stops at its stop token); each cell is the best of --repeats calls, after one wa
 
   python bench_sampler.py                        # the toy warm start (toy_cache/own), 64 prompts x 96 new tokens
   python bench_sampler.py --model DIR --prompts 256
-The answer decides `--sampler auto`: on CPU it picks HF unless vLLM is faster here.
+`--sampler auto` is HF on CPU and vLLM on GPU (opsd.sampler_kind); this measures what that costs or saves on CPU.
 """
 import argparse
 import contextlib
@@ -17,62 +17,67 @@ import time
 
 import torch
 
-import common
-import lm
+import opsd
+import plumbing
 import prompts
+import toy
 
 parser = argparse.ArgumentParser(description="HF generate vs vLLM sampling throughput in the toy world",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--model", default=None, help="model dir (default: the toy warm start; `python toy.py prepare` builds it)")
-parser.add_argument("--prompts", type=common.positive_int, default=64, help="toy problems per call")
-parser.add_argument("--max-new-tokens", type=common.positive_int, default=96, help="length limit (the toy preset's)")
-parser.add_argument("--repeats", type=common.positive_int, default=2, help="timed calls per cell; the fastest is reported")
-parser.add_argument("--lora-r", type=common.positive_int, default=16, help="rank of the random adapter (the toy preset's)")
+parser.add_argument("--prompts", type=plumbing.positive_int, default=64, help="toy problems per call")
+parser.add_argument("--max-new-tokens", type=plumbing.positive_int, default=96, help="length limit (the toy preset's)")
+parser.add_argument("--repeats", type=plumbing.positive_int, default=2, help="timed calls per cell; the fastest is reported")
+parser.add_argument("--lora-r", type=plumbing.positive_int, default=16, help="rank of the random adapter (the toy preset's)")
 
 
-def time_calls(sampler, prompt_ids, temperature, repeats, max_new_tokens):
-    sampler.generate(prompt_ids[:4], 1, 8, temperature, seed=0)  # warm-up: first-call compilation and caches
+def time_calls(sampler, prompt_ids, temperature, repeats, max_new_tokens, adapter=None):
+    sampling = lambda n: dict(max_new_tokens=n, temperature=temperature, top_p=1.0, top_k=0)  # noqa: E731
+    sampler.generate(prompt_ids[:4], 1, sampling(8), [0] * 4, adapter)  # warm-up: first-call compilation and caches
     rates = []
     for r in range(repeats):
         t0 = time.perf_counter()
-        tokens = sum(len(s[0]) for s in sampler.generate(prompt_ids, 1, max_new_tokens, temperature, seed=r))
+        samples = sampler.generate(prompt_ids, 1, sampling(max_new_tokens), [r * len(prompt_ids) + i for i in
+                                                                             range(len(prompt_ids))], adapter)
+        tokens = sum(len(s[0].ids) for s in samples)
         rates.append(tokens / (time.perf_counter() - t0))
     return max(rates), tokens
 
 
 def main():
     args = parser.parse_args()
-    model_dir = args.model or common.toy_paths()["warm"]
-    common.check_model_path(model_dir)
+    model_dir = args.model or toy.paths()["warm"]
+    plumbing.check_model_path(model_dir)
     cpu = torch.device("cpu")
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M} | {platform.node()} | {os.cpu_count()} CPUs | torch {torch.__version__} "
           f"({torch.get_num_threads()} threads) | {model_dir} | {args.prompts} prompts x {args.max_new_tokens} new tokens", flush=True)
-    model, tokenizer = lm.load_model(model_dir, cpu, lora=dict(r=args.lora_r, lora_alpha=2 * args.lora_r,
-                                                                      target_modules=common.LORA_TARGETS.split(",")))
+    model, tokenizer = opsd.load_model(model_dir, cpu, lora=dict(r=args.lora_r, lora_alpha=2 * args.lora_r,
+                                                                 target_modules=plumbing.LORA_TARGETS.split(",")))
     torch.manual_seed(0)
     with torch.no_grad():  # a non-zero adapter: PEFT starts B at 0, and the LoRA kernels must do real work
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.02)
     model.eval()
-    records = prompts.load_records(common.toy_paths()["test"]) if args.model is None else [{"problem": f"What is {123 + i}*{3 + i % 7}?"} for i in range(args.prompts)]
+    records = prompts.load_records(toy.paths()["test"]) if args.model is None else \
+        [{"problem": f"What is {123 + i}*{3 + i % 7}?"} for i in range(args.prompts)]
     prompt_ids = [prompts.student_prompt_ids(tokenizer, r["problem"]) for r in (records * args.prompts)[:args.prompts]]
-    stop_ids = lm.stop_token_ids(tokenizer, model_dir)
+    stop_ids = opsd.stop_token_ids(tokenizer, model_dir)
     rows = []
-    hf = lm.HFSampler(model, tokenizer, stop_ids, batch_size=args.prompts)
+    hf = opsd.HFSampler(model, tokenizer, stop_ids, batch_size=args.prompts)
     for adapter in (False, True):
         for temperature in (0.0, 1.0):
             with contextlib.nullcontext() if adapter else model.disable_adapter():
                 rate, tokens = time_calls(hf, prompt_ids, temperature, args.repeats, args.max_new_tokens)
             rows.append(("hf", adapter, temperature, rate, tokens))
-    with tempfile.TemporaryDirectory() as adapter_dir:
-        vllm = lm.make_sampler("vllm", model=None, tokenizer=tokenizer, model_path=model_dir, device=cpu, lora_rank=args.lora_r, seed=0,
-                               vllm_gpu_memory=0.3, adapter_dir=adapter_dir)
+    with tempfile.TemporaryDirectory() as out_dir:
+        vllm = opsd.make_sampler("vllm", None, tokenizer, model_dir, cpu, torch.float32, lora_rank=args.lora_r, seed=0,
+                                 gpu_memory=0.3)
+        path = opsd.adapter_for(vllm, model, out_dir, 0, "bench")
         for adapter in (False, True):
-            if adapter:
-                vllm.update(model, 0)
             for temperature in (0.0, 1.0):
-                rate, tokens = time_calls(vllm, prompt_ids, temperature, args.repeats, args.max_new_tokens)
+                rate, tokens = time_calls(vllm, prompt_ids, temperature, args.repeats, args.max_new_tokens,
+                                          path if adapter else None)
                 rows.append(("vllm", adapter, temperature, rate, tokens))
         vllm.close()
     print(f"\n{'sampler':<8}{'weights':<10}{'temperature':>12}{'tokens/s':>10}{'tokens':>8}")

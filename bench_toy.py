@@ -1,16 +1,19 @@
 """
 The toy-world benchmarks: runs from the same warm start, for the same number of steps, over several seeds, with
-greedy held-out accuracy every --eval-every steps (256 test problems, the same for every run).
+greedy held-out accuracy every --eval-every steps (256 test problems, the same for every run, at the toy's 96-token
+eval budget whatever the run's rollout limit).
 
   python bench_toy.py                       # methods: OPSD, GRPO and SFT, with own-style and expert references
   python bench_toy.py --table variants      # OPSD variants and the ideas/ patches, own-style references
+  python bench_toy.py --table teachers      # the teacher's weights: fixed, live, EMA
+  python bench_toy.py --table budget        # the student's rollout limit: 32, 48, 64, 96 tokens
   python bench_toy.py --seeds 0 --steps 50  # a quick look
   python bench_toy.py --table variants --only "opsd sampled-token"   # some runs only (two processes can share a table)
 Budgets match in generated tokens per step: OPSD samples 1 rollout for each of 32 problems, GRPO 8 rollouts for each
 of 4 problems; SFT generates nothing (it trains on the references). Every method uses the learning rate of its toy
-preset (common.TOY): GRPO's 3e-4 is the best of a four-point sweep, OPSD's and SFT's 1e-3 were not swept. Finished runs are skipped on a re-run (a run is
-finished when its log holds the final eval), so the benchmark can be stopped and resumed.
-Writes OUT/<table>.json and OUT/<table>.md, and for the methods table the plot (matplotlib, optional).
+settings (toy.PRESETS): GRPO's 3e-4 is the best of a four-point sweep, OPSD's and SFT's 1e-3 were not swept. Finished
+runs are skipped on a re-run (a run is finished when its log holds the final eval), so the benchmark can be stopped
+and resumed. Writes OUT/<table>.json and OUT/<table>.md, and a plot for the methods and budget tables (matplotlib).
 """
 import argparse
 import json
@@ -21,7 +24,7 @@ import subprocess
 import sys
 import time
 
-import common
+import plumbing
 import prompts
 import toy
 
@@ -32,27 +35,36 @@ RUNS = {
     "opsd": ("opsd", [], None),
     "grpo": ("grpo", [], None),
     "sft": ("sft", [], None),
+    "opsd forward KL": ("opsd", ["--beta", "0"], None),
     "opsd forward KL + entry clip 0.05": ("opsd", ["--beta", "0", "--entry-clip", "0.05"], None),
     "opsd sampled-token": ("opsd", ["--loss", "sampled"], None),
     "opsd sampled-token + vOPD baseline": ("opsd", ["--loss", "sampled", "--baseline", "vopd"], None),
     "opsd answer-only teacher": ("opsd", ["--teacher-context", "answer"], None),
     "idea: geometric mixture w=0.5": ("opsd", ["--mixture-weight", "0.5"], "geometric_mixture"),
     "idea: reference-only correction 0.5": ("opsd", ["--reference-correction", "0.5"], "reference_only"),
+    "idea: task reward w=1": ("opsd", ["--reward-weight", "1"], "task_reward"),
+    "opsd live teacher": ("opsd", ["--teacher-weights", "live"], None),
+    "opsd EMA teacher 0.99": ("opsd", ["--teacher-weights", "ema", "--ema-decay", "0.99"], None),
+    **{f"opsd rollouts <= {n}": ("opsd", ["--max-new-tokens", str(n)], None) for n in (32, 48, 64)},
 }
 TABLES = {"methods": (["opsd", "grpo", "sft"], ["own", "expert"]),
-          "variants": ([name for name in RUNS if name not in ("grpo", "sft")], ["own"])}
+          "variants": (["opsd", "opsd forward KL", "opsd forward KL + entry clip 0.05", "opsd sampled-token",
+                        "opsd sampled-token + vOPD baseline", "opsd answer-only teacher", "idea: geometric mixture w=0.5",
+                        "idea: reference-only correction 0.5", "idea: task reward w=1"], ["own"]),
+          "teachers": (["opsd", "opsd live teacher", "opsd EMA teacher 0.99"], ["own"]),
+          "budget": (["opsd rollouts <= 32", "opsd rollouts <= 48", "opsd rollouts <= 64", "opsd"], ["own"])}
 
 parser = argparse.ArgumentParser(description="OPSD, GRPO and SFT (or OPSD's variants) in the CPU toy world.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--table", choices=sorted(TABLES), default="methods", help="which comparison to run")
 parser.add_argument("--settings", default=None, help="comma-separated reference settings (default: the table's)")
-parser.add_argument("--only", default=None, help="comma-separated run names: run only these of the table's runs (no table is written)")
+parser.add_argument("--only", default=None, help="comma-separated run names of the table (no table is written)")
 parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-parser.add_argument("--steps", type=common.positive_int, default=150, help="optimizer steps per run (the same for every run)")
-parser.add_argument("--eval-every", type=common.positive_int, default=25, help="held-out greedy eval every N steps")
+parser.add_argument("--steps", type=plumbing.positive_int, default=150, help="optimizer steps per run")
+parser.add_argument("--eval-every", type=plumbing.positive_int, default=25, help="held-out greedy eval every N steps")
 parser.add_argument("--out-dir", default="runs/toy_bench", help="where runs and results go")
 parser.add_argument("--plot", default="bench_toy.png", help="PNG path for the methods plot ('' to skip)")
-parser.add_argument("--threads", type=common.positive_int, default=2, help="torch threads per run")
+parser.add_argument("--threads", type=plumbing.positive_int, default=2, help="torch threads per run")
 
 
 def apply_idea(name, directory):
@@ -65,7 +77,7 @@ def apply_idea(name, directory):
 
 
 def run_one(name, setting, seed, args):
-    out = os.path.join(args.out_dir, setting, f"{name.replace(' ', '_').replace(':', '')}_seed{seed}")
+    out = os.path.join(args.out_dir, setting, f"{name.replace(' ', '_').replace(':', '').replace('<=', 'max')}_seed{seed}")
     log = os.path.join(out, "log.jsonl")
     rows = prompts.read_jsonl(log, torn_tail_ok=True)[0] if os.path.exists(log) else []
     if rows and max(r["step"] for r in rows) == args.steps and any(r["step"] == args.steps and "eval" in r for r in rows):
@@ -73,10 +85,13 @@ def run_one(name, setting, seed, args):
         return out
     shutil.rmtree(out, ignore_errors=True)  # a partial run starts again (it checkpoints only at the end)
     script, flags, idea = RUNS[name]
-    path = apply_idea(idea, os.path.join(args.out_dir, "ideas", idea)) if idea else os.path.join(HERE, f"{script}.py")
-    preset = "toy" if setting == "own" else f"toy-{setting}"
-    cmd = [sys.executable, path, "--preset", preset, "--seed", str(seed), "--max-steps", str(args.steps),
-           "--eval-every", str(args.eval_every), "--save-every", str(args.steps), "--out-dir", out, *flags]
+    if idea:  # the patched opsd.py with the toy settings as flags
+        cmd = [sys.executable, apply_idea(idea, os.path.join(args.out_dir, "ideas", idea)),
+               *toy.script_argv(script, setting)]
+    else:
+        cmd = [sys.executable, os.path.join(HERE, "toy.py"), script, "--references", setting]
+    cmd += ["--seed", str(seed), "--max-steps", str(args.steps), "--eval-every", str(args.eval_every), "--save-every",
+            str(args.steps), "--eval-max-new-tokens", str(toy.PRESETS["eval"]["max_new_tokens"]), "--out-dir", out, *flags]
     print(" ".join(cmd), flush=True)
     t0 = time.time()
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -1,73 +1,207 @@
 """
-Evaluate a base model or a trained adapter on the paper's benchmarks: avg@n, pass@k and maj@k.
+Evaluate a base model, a trained adapter, or every checkpoint of a run on the paper's benchmarks: avg@n, pass@k, maj@k.
 
   1. problems: AIME24, AIME25, HMMT Feb 25 and AMO-Bench (prompts.BENCHMARKS), or a local file;
-  2. prompt: prompts.student_prompt_ids, the prompt training uses (thinking on, as in the paper), or the OPSD
-     teacher's prompt with --teacher-context;
-  3. sample n completions per problem, many problems per sampler call: vLLM on GPU (the adapter as a
-     LoRARequest, prompts as token ids), HF generate on CPU (the adapter loaded with PEFT);
-  4. grade the last \\boxed{} against the gold answer (prompts.grade: math-verify + normalised compare);
-  5. per problem, avg@n, pass@k (unbiased) and maj@k; means per benchmark and over all problems (lm.run_eval).
+  2. prompt: prompts.student_prompt_ids, the prompt training uses (thinking on, as in the paper), or the OPSD teacher's
+     prompt with --teacher-context;
+  3. sample n completions per problem, many problems per sampler call: vLLM on GPU (the adapter as a LoRARequest),
+     HF generate on CPU (the adapter loaded with PEFT); a problem's samples depend only on --seed and the problem;
+  4. grade the last \\boxed{} against the gold answer (prompts.grade: math-verify + a normalised compare);
+  5. per problem avg@n, pass@k (unbiased) and maj@k; means per benchmark and over all problems.
 Samples are appended to samples.jsonl after every sampler call, so a kill loses at most the call in flight
-(--batch-size problems x --samples samples) and `--resume` samples only what is missing, with the same summary.
+(--batch-size problems x --samples samples), and `--resume` samples only what is missing, with the same summary.
+`--checkpoints RUN_DIR` evaluates every checkpoint of a training run (one sub-directory each; `--resume` skips the
+finished ones) and writes the curve, curve.md and curve.png: pick the best checkpoint, not the last.
 
-Departures from the official OPSD eval code:
-  - the prompt is the training prompt (the official code worded its training and eval prompts differently);
-  - grading parses only the last \\boxed{} (LaTeX-only) where math-verify's default also grades unboxed
-    text; AMO-Bench rows whose answer needs an LLM judge are dropped (prompts.load_records);
-  - temperature 1.2 as in the paper; the official README used 1.0 (`--temperature 1.0`).
+Departures from the official OPSD eval code: the prompt is the training prompt (theirs differ); only the last \\boxed{}
+is parsed (math-verify's default also grades unboxed text); AMO-Bench rows that need an LLM judge are dropped;
+temperature 1.2 as in the paper (the official scripts: 1.0).
 
 Run:
   python eval.py                                                    # Qwen3-1.7B base, 1 GPU (vLLM), 16 samples
   python eval.py --adapter runs/opsd/checkpoint-000100 --out-dir runs/eval/opsd-100   # a trained adapter
+  python eval.py --checkpoints runs/opsd --out-dir runs/eval/opsd-curve               # every checkpoint of a run
   python eval.py --model runs/sft-full/checkpoint-000100            # a --full-finetune run: a whole model
   torchrun --standalone --nproc_per_node 8 eval.py --adapter runs/opsd   # 8 GPUs, problems split by rank
-  python eval.py --preset toy [--adapter runs/toy/opsd]             # CPU toy world: greedy, 256 test problems
-  python eval.py --preset toy --teacher-context solution            # the toy teacher: reference in the prompt
+  python toy.py eval [--adapter runs/toy/opsd]                      # CPU toy world: greedy, 256 test problems
 """
 import argparse
+import glob
 import json
+import math
 import os
+from collections import Counter
 
 import torch
 import torch.distributed as dist
 
-import common
-import lm
+import opsd
+import plumbing
 import prompts
 
 # -----------------------------------------------------------------------------
-# options
+# 1. config
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description="avg@n / pass@k / maj@k of a model or adapter on math benchmarks",
+    parser = argparse.ArgumentParser(description="avg@n / pass@k / maj@k of a model, an adapter or a run's checkpoints",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
-    parser.presets = common.presets_for("eval")
-    parser.add_argument("--preset", choices=sorted(parser.presets), default=None, help="toy: the CPU toy world's warm start and test set (toy.py); flags given on the command line still win")
-    common.model_options(parser, lora=False).add_argument(
-        "--adapter", default=None, help="a PEFT adapter dir (a checkpoint-NNNNNN of opsd.py/grpo.py/sft.py), or a run dir: its latest checkpoint")
+    parser.presets = {}
+    opsd.model_options(parser, lora=False)
+    group = parser.add_argument_group("weights")
+    group.add_argument("--adapter", default=None, help="a PEFT adapter dir, or a run dir (its latest checkpoint)")
+    group.add_argument("--checkpoints", default=None, help="a run dir: evaluate every checkpoint in it, and the curve")
     group = parser.add_argument_group("data")
-    group.add_argument("--benchmarks", default="aime24,aime25,hmmt25,amobench", help=f"comma-separated keys of prompts.BENCHMARKS ({', '.join(prompts.BENCHMARKS)})")
-    group.add_argument("--data", default=None, help="a local .jsonl/.json/.parquet with problem/answer columns, instead of --benchmarks")
-    group.add_argument("--limit", type=common.positive_int, default=None, help="only the first N problems of each benchmark")
-    group.add_argument("--teacher-context", choices=sorted(prompts.TEACHER_CONTEXTS), default=None, help="prompt as the OPSD teacher, with this privileged context (the reference solution, or only its answer); default: the student prompt")
-    group = common.sampling_options(parser, temperature=1.2, max_new_tokens=38912, gpu_memory=0.9)
-    group.add_argument("--samples", type=common.positive_int, default=16, help="samples per problem, n in avg@n (not --n: under torchrun that is an ambiguous prefix of torchrun's own options)")
-    group.add_argument("--batch-size", type=common.positive_int, default=64, help="problems per sampler call (x --samples sequences); also what a kill can lose")
+    group.add_argument("--benchmarks", default="aime24,aime25,hmmt25,amobench", help="comma-separated BENCHMARKS keys")
+    group.add_argument("--data", default=None, help="a local .jsonl/.json/.parquet instead of --benchmarks")
+    group.add_argument("--limit", type=plumbing.positive_int, default=None, help="the first N problems of each")
+    group.add_argument("--teacher-context", choices=sorted(prompts.TEACHER_CONTEXTS), default=None,
+                       help="prompt as the OPSD teacher with this context (default: the student prompt)")
+    group = opsd.sampling_options(parser, temperature=1.2, max_new_tokens=38912, gpu_memory=0.9)
+    group.add_argument("--samples", type=plumbing.positive_int, default=16, help="samples per problem (n in avg@n)")
+    group.add_argument("--batch-size", type=plumbing.positive_int, default=64, help="problems per sampler call")
     parser.set_defaults(top_p=0.95, thinking=True)  # the paper's evaluation: thinking on, top-p 0.95
     group = parser.add_argument_group("output")
-    group.add_argument("--out-dir", default="runs/eval", help="samples.jsonl and summary.json go here; it must be empty unless --resume or --overwrite")
-    group.add_argument("--overwrite", action="store_true", help="delete an earlier evaluation's files from --out-dir first")
-    group.add_argument("--resume", action="store_true", help="keep the samples already in --out-dir/samples.jsonl and sample only the missing ones (same model and settings only)")
+    group.add_argument("--out-dir", default="runs/eval", help="samples.jsonl and summary.json go here")
+    group.add_argument("--overwrite", action="store_true", help="delete an earlier evaluation's files first")
+    group.add_argument("--resume", action="store_true", help="keep finished samples (and checkpoints); sample the rest")
     return parser
 
+# -----------------------------------------------------------------------------
+# 5. metrics: per problem with c correct of n, avg@n = c / n, pass@k = 1 - C(n-c, k) / C(n, k) (unbiased, Chen et
+# al. 2021), maj@k = is the most frequent answer among the first k samples right; then means
 
-def resolve_adapter(path):
-    path = common.follow_latest(path, option="--adapter")  # a run dir: its latest checkpoint
-    if not os.path.exists(os.path.join(path, "adapter_config.json")):
-        raise prompts.UserError(f"--adapter {path}: no adapter_config.json there (for a --full-finetune run pass the checkpoint as --model)")
-    return path
+
+KS = (1, 2, 4, 8, 16)
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k as prod_{i=n-c+1}^{n} (1 - k/i), which never forms the huge binomials."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    return 1.0 if n - c < k else 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def maj_at_k(answers, correct, k):
+    """Majority vote over the normalised answers of the first k samples (no answer: no vote); ties go to the answer
+    seen first."""
+    keys = [None if a is None else prompts.normalize_answer(a) for a in answers[:k]]
+    votes = Counter(key for key in keys if key is not None)
+    return float(correct[keys.index(max(votes, key=votes.get))]) if votes else 0.0
+
+
+def problem_metrics(samples, ks):
+    """One problem's sums: samples, correct, length, pass@k, maj@k; samples are rows in sample order."""
+    n, c = len(samples), sum(s["correct"] for s in samples)
+    answers, correct = [s["extracted"] for s in samples], [s["correct"] for s in samples]
+    return {"problems": 1, "samples": n, "correct": c, "length": sum(s["length"] for s in samples),
+            **{f"pass@{k}": pass_at_k(n, c, k) for k in ks}, **{f"maj@{k}": maj_at_k(answers, correct, k) for k in ks}}
+
+
+def summarize(sums, ks):
+    problems, samples = max(sums["problems"], 1), max(sums["samples"], 1)
+    return {"avg": sums["correct"] / samples, **{f"pass@{k}": sums[f"pass@{k}"] / problems for k in ks},
+            **{f"maj@{k}": sums[f"maj@{k}"] / problems for k in ks}, "mean_length": sums["length"] / samples,
+            "problems": int(sums["problems"]), "samples": int(sums["samples"])}
+
+
+def reduce_summary(per_problem, benchmarks, ks, world):
+    """Sum the per-problem metrics per benchmark, over ranks, then average: every rank gets the same summary."""
+    fields = ["problems", "samples", "correct", "length"] + [f"{m}@{k}" for m in ("pass", "maj") for k in ks]
+    sums = torch.zeros(len(benchmarks), len(fields), dtype=torch.float64)  # (B, F)
+    for (benchmark, _), metrics in per_problem.items():
+        sums[benchmarks.index(benchmark)] += torch.tensor([float(metrics[f]) for f in fields], dtype=torch.float64)
+    if world > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        sums = sums.to(device)
+        dist.all_reduce(sums)  # a sum, not a mean: ranks hold different numbers of problems
+        sums = sums.cpu()
+    per_benchmark = {b: summarize(dict(zip(fields, row.tolist())), ks) for b, row in zip(benchmarks, sums)}
+    summary = summarize(dict(zip(fields, sums.sum(0).tolist())), ks)  # overall: every problem weighs the same
+    summary["avg_of_benchmarks"] = sum(s["avg"] for s in per_benchmark.values()) / len(per_benchmark)
+    return {**summary, "benchmarks": per_benchmark}
+
+# -----------------------------------------------------------------------------
+# 6. sample and grade, resumably: one samples file per rank, appended after each sampler call
+
+
+def rank_path(out_path, rank, world):
+    root, ext = os.path.splitext(out_path)
+    return out_path if world == 1 else f"{root}.rank{rank}{ext}"
+
+
+def finished_samples(out_path, rank, world):
+    """(benchmark, problem_id, sample) -> row, from every samples file of the run (any earlier world size). This
+    rank's own file is cut back to its last complete line: it is appended to next."""
+    root, ext = os.path.splitext(out_path)
+    done = {}
+    for path in [out_path] + sorted(glob.glob(f"{root}.rank*{ext}")):
+        if os.path.exists(path):
+            rows, complete_bytes = prompts.read_jsonl(path, torn_tail_ok=True)
+            if path == rank_path(out_path, rank, world):
+                os.truncate(path, complete_bytes)
+            done.update({(row["benchmark"], row["problem_id"], row["sample"]): row for row in rows})
+    return done
+
+
+def check_settings(path, settings):
+    """The settings that produced a samples file live beside it: a resume with others would mix two evaluations."""
+    with open(path) as f:
+        saved = json.load(f)
+    changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+    if changed:
+        raise prompts.UserError(f"--resume: {path} was written with other settings: " + "; ".join(
+            f"{k}: was {old!r}, now {new!r}" for k, (old, new) in changed.items()) +
+            " (use a new --out-dir, or --overwrite to start over)")
+
+
+def run_eval(tokenizer, records, sampler, *, n, sampling, thinking, seed=0, teacher_context=None, rank=0, world=1,
+             out_path=None, resume=False, settings=None, batch_size=64, adapter=None, progress=False) -> dict:
+    """Evaluate `records` (prompts.load_records dicts; an optional "benchmark" key groups them) with n samples per
+    problem. Under torchrun this rank does problems range(rank, N, world) and the sums are all-reduced: every rank
+    returns the same summary. With `out_path` every sample is appended there once its sampler call returns;
+    `resume` keeps the samples already written (and refuses other `settings` than those saved beside them)."""
+    ks, key = [k for k in KS if k <= n], lambda r: (r.get("benchmark", "data"), r["id"])  # noqa: E731
+    benchmarks = list(dict.fromkeys(key(r)[0] for r in records))  # the same order on every rank
+    mine, done, file = records[rank::world], {}, None
+    if out_path:
+        settings_path = os.path.splitext(out_path)[0] + ".settings.json"
+        if resume:
+            if settings is not None and os.path.exists(settings_path):
+                check_settings(settings_path, settings)
+            done = finished_samples(out_path, rank, world)
+        if world > 1:
+            dist.barrier()  # every rank has read the files before any rank writes
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        if rank == 0 and settings is not None:
+            with open(settings_path, "w") as f:
+                json.dump(settings, f, indent=1)
+        file = plumbing.JsonlFile(rank_path(out_path, rank, world))
+    results = {key(r): {s: done[key(r) + (s,)] for s in range(n) if key(r) + (s,) in done} for r in mine}
+    todo = [r for r in mine if len(results[key(r)]) < n]
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="eval", unit="problem", dynamic_ncols=True)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        rows = plumbing.graded_samples(tokenizer, chunk, sampler, n, sampling, thinking, seed, adapter, teacher_context)
+        new = []
+        for i, row in enumerate(rows):
+            record, s = chunk[i // n], i % n
+            if s not in results[key(record)]:  # kept from the stopped run otherwise
+                results[key(record)][s] = row = {"benchmark": key(record)[0], "problem_id": record["id"], "sample": s, **row}
+                new.append(row)
+        if file:
+            file.write(*new)
+        if bar:
+            bar.update(len(chunk))
+            correct = [row["correct"] for rows in results.values() for row in rows.values()]
+            bar.set_postfix_str(f"acc {sum(correct) / max(len(correct), 1):.3f}")
+    if bar:
+        bar.close()
+    per_problem = {k: problem_metrics([rows[s] for s in range(n)], ks) for k, rows in results.items()}
+    return reduce_summary(per_problem, benchmarks, ks, world)
 
 
 def format_table(summary):
@@ -75,68 +209,123 @@ def format_table(summary):
     lines = [f"{'benchmark':<12}{'problems':>9}{'samples':>9}" + "".join(f"{m:>12}" for m in metrics)]
     for name, s in list(summary["benchmarks"].items()) + [("overall", summary)]:
         lines.append(f"{name:<12}{s['problems']:>9}{s['samples']:>9}" + "".join(f"{s[m]:>12.4f}" for m in metrics))
-    lines.append(f"mean of the per-benchmark avg: {summary['avg_of_benchmarks']:.4f}")
+    return "\n".join(lines + [f"mean of the per-benchmark avg: {summary['avg_of_benchmarks']:.4f}"])
+
+
+def write_curve(out_dir, curve):
+    """The checkpoints' scores as a table (curve.md, curve.json) and a plot (curve.png, if matplotlib is installed)."""
+    with open(os.path.join(out_dir, "curve.json"), "w") as f:
+        json.dump(curve, f, indent=1)
+    best = max(curve, key=lambda c: c["avg"])
+    lines = ["| step | avg | pass@k (largest k) | maj@k | mean length |", "|---|---|---|---|---|"] + [
+        f"| {c['step']}{' (best)' * (c is best)} | {c['avg']:.4f} | {c['pass']:.4f} | {c['maj']:.4f} | {c['length']:.0f} |"
+        for c in curve]
+    with open(os.path.join(out_dir, "curve.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "\n".join(lines)
+    plt.figure(figsize=(6, 3.5))
+    plt.plot([c["step"] for c in curve], [c["avg"] for c in curve], marker="o")
+    plt.xlabel("training step")
+    plt.ylabel("avg")
+    plt.title(f"best: step {best['step']}, avg {best['avg']:.4f}")
+    plt.grid(alpha=0.3)
+    plt.tight_layout()
+    plt.savefig(os.path.join(out_dir, "curve.png"), dpi=120)
+    plt.close()
     return "\n".join(lines)
 
 # -----------------------------------------------------------------------------
-# the run
+# 9. the run
 
 
 def main(argv=None):
-    # 1. config
-    args = common.parse_config(get_parser(), argv)
-    adapter = resolve_adapter(args.adapter) if args.adapter else None
-    # 2. distributed init: ranks split the problems
-    rank, world, device = common.init_distributed()
-    torch.manual_seed(args.seed + rank)  # HF sampling draws from the global RNG
+    # 1. config; the weights to evaluate: the base, an adapter (a run dir: its latest), or each checkpoint of a run
+    args = plumbing.parse_config(get_parser(), argv)
+    if args.adapter and args.checkpoints:
+        raise prompts.UserError("--adapter and --checkpoints: give one (--checkpoints evaluates every adapter of a run)")
+    if args.checkpoints:
+        weights = plumbing.complete_checkpoints(args.checkpoints)
+        if not weights:
+            raise prompts.UserError(f"--checkpoints {args.checkpoints}: no complete checkpoint there")
+    else:
+        weights = [plumbing.follow_latest(args.adapter, option="--adapter")] if args.adapter else [None]
+    adapters = [w for w in weights if w and os.path.exists(os.path.join(w, "adapter_config.json"))]
+    if args.adapter and not adapters:
+        raise prompts.UserError(f"--adapter {weights[0]}: no adapter_config.json there (for a --full-finetune run pass "
+                                "the checkpoint as --model)")
+    # 2. torchrun: ranks split the problems
+    rank, world, device = opsd.init_distributed()
+    dtype = opsd.compute_dtype(args.dtype, device)
     # 3. data, before any model loads: a broken row costs a second
     require = ("problem", "answer") + (("solution",) if args.teacher_context == "solution" else ())
-    if args.data:
-        sources = [(os.path.splitext(os.path.basename(args.data))[0], args.data)]
-    else:
-        sources = [(name.strip(), name.strip()) for name in args.benchmarks.split(",") if name.strip()]
-        unknown = [name for name, _ in sources if name not in prompts.BENCHMARKS]
-        if unknown:
-            raise prompts.UserError(f"--benchmarks: unknown {unknown}; known: {sorted(prompts.BENCHMARKS)} (or use --data FILE)")
+    sources = [(os.path.splitext(os.path.basename(args.data))[0], args.data)] if args.data else \
+        [(name.strip(), name.strip()) for name in args.benchmarks.split(",") if name.strip()]
+    unknown = [name for name, _ in sources if not args.data and name not in prompts.BENCHMARKS]
+    if unknown:
+        raise prompts.UserError(f"--benchmarks: unknown {unknown}; known: {sorted(prompts.BENCHMARKS)} (or --data FILE)")
     records = [{**r, "benchmark": name} for name, source in sources
                for r in prompts.load_records(source, None, require=require, limit=args.limit)]
-    lock = common.claim_out_dir(args.out_dir, args.resume, args.overwrite, master=rank == 0)  # noqa: F841 (held for the run)
+    lock = plumbing.claim_out_dir(args.out_dir, args.resume, args.overwrite, master=rank == 0)  # noqa: F841 (held)
     # 4-5. model (+ adapter) and sampler: vLLM serves the base with the adapter as a LoRARequest; HF loads it with PEFT
-    lora_rank = json.load(open(os.path.join(adapter, "adapter_config.json")))["r"] if adapter else None
-    kind = lm.sampler_kind(args.sampler, device, lora=True)
-    model, tokenizer = (None, None) if kind == "vllm" else lm.load_model(args.model, device)
+    lora_rank = json.load(open(os.path.join(adapters[0], "adapter_config.json")))["r"] if adapters else None
+    full = [w for w in weights if w and w not in adapters]  # --checkpoints of a --full-finetune run: whole models
+    kind = opsd.sampler_kind(args.sampler, device, lora=True)
+    model, tokenizer = (None, None) if kind == "vllm" else opsd.load_model(full[0] if full else args.model, device, dtype)
     if kind == "vllm":
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(args.model)
-    elif adapter:
-        model = lm.load_adapter(model, adapter)
-    sampler = lm.make_sampler(kind, model=model, tokenizer=tokenizer, model_path=args.model, device=device,
-                              lora_rank=lora_rank, seed=args.seed, vllm_gpu_memory=args.vllm_gpu_memory,
-                              adapter_dir=None, rank=rank, world=world, vllm_sleep=False)
-    if kind == "vllm" and adapter:
-        sampler.use_adapter(adapter, 1)  # one fixed adapter: one LoRARequest id for the whole run
-    samples_path = os.path.join(args.out_dir, "samples.jsonl")
-    common.print0(f"{len(records)} problems x {args.samples} samples | {args.model}" + (f" + {adapter}" if adapter else "")
-                  + f" | T={args.temperature} top_p={args.top_p} thinking={args.thinking} | {type(sampler).__name__} | "
-                  f"{world} ranks | writing to {samples_path}")
-    # 6. sample, grade, summarise
-    settings = {"model": args.model, "adapter": adapter, "data": args.data or args.benchmarks,
-                **{k: getattr(args, k) for k in ("teacher_context", "temperature", "top_p", "sampling_top_k", "max_new_tokens", "thinking", "seed")}}
-    summary = lm.run_eval(tokenizer, records, sampler, n=args.samples, temperature=args.temperature, top_p=args.top_p,
-                          max_new_tokens=args.max_new_tokens, thinking=args.thinking, teacher_context=args.teacher_context,
-                          rank=rank, world=world, out_path=samples_path, resume=args.resume, settings=settings,
-                          batch_size=args.batch_size, progress=True)
+    elif adapters:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapters[0])
+    sampler = opsd.make_sampler(kind, model, tokenizer, args.model, device, dtype, lora_rank, args.seed,
+                                args.vllm_gpu_memory, world, sleep=False)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    top_k=args.sampling_top_k)
+    plumbing.print0(f"{len(records)} problems x {args.samples} samples x {len(weights)} weights | {args.model} | "
+                    f"T={args.temperature} top_p={args.top_p} thinking={args.thinking} | {type(sampler).__name__} | "
+                    f"{world} ranks | writing to {args.out_dir}")
+    # 6-7. sample, grade and summarise each set of weights (a finished one is skipped on --resume)
+    curve = []
+    for path in weights:
+        out_dir = os.path.join(args.out_dir, os.path.basename(path)) if args.checkpoints else args.out_dir
+        summary_path = os.path.join(out_dir, "summary.json")
+        if args.resume and args.checkpoints and os.path.exists(summary_path):
+            summary = json.load(open(summary_path))
+            plumbing.print0(f"eval: {path} done already, skipped")
+        else:
+            if path in full and path != full[0]:
+                plumbing.load_weights(path, model)
+            elif path in adapters and sampler.kind == "hf" and path != adapters[0]:
+                plumbing.load_weights(path, model)
+            settings = {"model": args.model, "adapter": path, "data": args.data or args.benchmarks,
+                        **{k: getattr(args, k) for k in ("teacher_context", "temperature", "top_p", "sampling_top_k",
+                                                         "max_new_tokens", "thinking", "seed")}}
+            summary = run_eval(tokenizer, records, sampler, n=args.samples, sampling=sampling, thinking=args.thinking,
+                               seed=args.seed, teacher_context=args.teacher_context, rank=rank, world=world,
+                               out_path=os.path.join(out_dir, "samples.jsonl"), resume=args.resume or bool(args.checkpoints),
+                               settings=settings, batch_size=args.batch_size, progress=True,
+                               adapter=path if path in adapters and sampler.kind == "vllm" else None)
+            if rank == 0:
+                with open(summary_path, "w") as f:
+                    json.dump({**summary, "config": plumbing.settings_of(args)}, f, indent=2)
+                print(format_table(summary), flush=True)
+                print(f"eval: samples in {os.path.join(out_dir, 'samples.jsonl')}, summary in {summary_path}", flush=True)
+        top = max(k for k in KS if k <= args.samples)
+        curve.append({"step": plumbing.checkpoint_step(path) if path else 0, "avg": summary["avg"],
+                      "pass": summary[f"pass@{top}"], "maj": summary[f"maj@{top}"], "length": summary["mean_length"]})
     sampler.close()  # before the process group goes: vLLM's shutdown uses it
-    # 7. report
-    if rank == 0:
-        with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-            json.dump({**summary, "config": vars(args)}, f, indent=2)
-        print(format_table(summary), flush=True)
-        print(f"eval: samples in {samples_path}, summary in {os.path.join(args.out_dir, 'summary.json')}", flush=True)
+    if rank == 0 and args.checkpoints:
+        print(write_curve(args.out_dir, curve), flush=True)
     if world > 1 and dist.is_initialized():  # (a vLLM engine's teardown may have destroyed it already)
         dist.destroy_process_group()
-    return summary
+    summary = {k: v for k, v in summary.items() if k != "config"}
+    return {**summary, "curve": curve} if args.checkpoints else summary
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    plumbing.run_script(main)

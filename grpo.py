@@ -1,209 +1,216 @@
 """
-GRPO (Group Relative Policy Optimization, DeepSeekMath arXiv 2402.03300): the paper's RL baseline, on the
-same library as opsd.py, so that the two differ only in the algorithm (`diff grpo.py opsd.py`).
+GRPO (Group Relative Policy Optimization, DeepSeekMath arXiv 2402.03300): the paper's RL baseline, with opsd.py's
+building blocks (model, samplers, sequences, update), so that `diff grpo.py opsd.py` shows the algorithm.
 
 For each problem x with a gold answer a:
   1. the policy samples G rollouts y_1..y_G;
   2. reward r_i = 1 if the last \\boxed{} of y_i equals a (prompts.grade, the grader eval.py uses), else 0;
-  3. advantage A_i = (r_i - mean(r)) / (std(r) + eps) within the group, the same for every token of y_i;
-     a group that is all right or all wrong has A = 0 and gives no signal;
-  4. per token, ratio = p(y_n) / p_old(y_n) and loss -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A),
-     (+ kl_beta * k3-KL to the reference = the adapter switched off), averaged over each rollout's tokens,
-     then over rollouts (as DeepSeekMath Eq. 3, and as opsd.py averages its loss).
-With one update per batch (--ppo-epochs 1, the default) the ratio is exactly 1 and the logged loss is exactly
-0: the group-normalised advantages have mean 0 and each rollout's tokens weigh 1/G in all. Its gradient is
-not 0; follow the reward and the gradient norm instead.
+  3. advantage A_i = (r_i - mean(r)) / (std(r) + eps) within the group, the same for every token of y_i; a group
+     that is all right or all wrong has A = 0 and gives no signal;
+  4. per token, ratio = p(y_n) / p_old(y_n) and loss -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A)
+     (+ kl_beta * k3-KL to the reference, the adapter switched off), averaged over each rollout's tokens, then over
+     rollouts (DeepSeekMath Eq. 3, as opsd.py averages its loss).
+With one update per batch (--ppo-epochs 1, the default) the ratio is exactly 1 and the loss is exactly 0 (the
+group-normalised advantages have mean 0); its gradient is not: follow the reward and the gradient norm.
 
 Where this departs from the paper and the official code (and why):
-  - the same prompts, sampler, sequence packing and chunked loss as opsd.py, and the same schedule and
-    checkpoints: a comparison of the two measures the algorithm, not the plumbing;
-  - log-probs are taken at the sampling temperature (logits / T), as opsd.py does, so the policy in the
-    loss is the one that sampled;
-  - no KL term by default (--kl-beta 0, as in DAPO; it also saves the reference pass); the reference, when
-    used, is the adapter switched off, so --kl-beta needs LoRA;
-  - `--batch-size` counts problems; each gets G rollouts, so a step trains on batch x G sequences;
-  - with --ppo-epochs E > 1 the learning-rate schedule counts the E updates per batch.
+  - the same prompts, sampler, sequences and schedule as opsd.py: a comparison measures the algorithm;
+  - log-probs are taken at the sampling temperature (logits / T), as opsd.py does;
+  - no KL term by default (--kl-beta 0, as in DAPO); the reference, when used, is the adapter switched off;
+  - `--batch-size` counts problems; each gets G rollouts; with --ppo-epochs E the schedule counts E updates a step.
 
 Run:
-  python grpo.py --preset toy                        # the CPU toy world (toy.py), minutes
+  python toy.py grpo                                 # the CPU toy world (toy.py), minutes
   python grpo.py                                     # 1 GPU (Qwen3-1.7B, vLLM)
   torchrun --standalone --nproc_per_node 8 grpo.py   # 8 GPUs
 """
+import math
 import time
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
-import common
-import lm
+import opsd
+import plumbing
 import prompts
 
 # -----------------------------------------------------------------------------
-# GRPO's options (the shared ones are in common.training_parser)
+# 1. config: opsd.py's shared option groups, then GRPO's own
 
 
 def get_parser():
-    parser = common.training_parser("GRPO: G rollouts per problem, 0/1 reward from the answer checker, group-normalised "
-                                    "advantage, PPO-clipped update.", "grpo")
+    parser = opsd.training_parser("GRPO: G rollouts per problem, 0/1 reward from the answer checker, group-normalised "
+                                  "advantage, PPO-clipped update.", "grpo")
     group = parser.add_argument_group("GRPO")
-    group.add_argument("--group-size", type=common.bounded(int, 2), default=8, help="G: rollouts per problem (--batch-size counts problems); one rollout has no group baseline")
-    group.add_argument("--ppo-clip-eps", type=common.positive_float, default=0.2, help="PPO clip range: the ratio is kept in [1 - eps, 1 + eps]")
-    group.add_argument("--kl-beta", type=common.nonnegative, default=0.0, help="weight of the k3 KL to the reference (the adapter off); 0 skips the reference pass")
-    group.add_argument("--ppo-epochs", type=common.positive_int, default=1, help="updates per batch of rollouts (1: on-policy, ratio = 1)")
-    group.add_argument("--adv-eps", type=common.positive_float, default=1e-4, help="eps in (r - mean) / (std + eps)")
-    # the paper's GRPO baseline: 16k-token rollouts at temperature 1.2
-    parser.set_defaults(max_new_tokens=16384, temperature=1.2)
+    group.add_argument("--group-size", type=plumbing.bounded(int, 2), default=8, help="G: rollouts per problem")
+    group.add_argument("--ppo-clip-eps", type=plumbing.positive_float, default=0.2, help="PPO clip: [1 - eps, 1 + eps]")
+    group.add_argument("--kl-beta", type=plumbing.nonnegative, default=0.0, help="k3 KL weight to the adapter-off model")
+    group.add_argument("--ppo-epochs", type=plumbing.positive_int, default=1, help="updates per batch (1: ratio = 1)")
+    group.add_argument("--adv-eps", type=plumbing.positive_float, default=1e-4, help="eps in (r - mean) / (std + eps)")
+    parser.set_defaults(max_new_tokens=16384, temperature=1.2)  # the paper's GRPO baseline
     return parser
 
 # -----------------------------------------------------------------------------
-# advantages: the group is the baseline (no value network)
+# 6. advantages: the group is the baseline (no value network)
 
 
 def group_advantages(rewards, eps=1e-4):
-    """(r - mean) / (std + eps) within each group of G rollouts of one problem. rewards (P, G) -> (P, G).
-    std is the *sample* std (Bessel's correction, torch's default), as TRL's GRPOTrainer computes it;
-    DeepSeekMath writes "std" without saying which. An all-equal group gives exactly 0 (0 / eps)."""
+    """(r - mean) / (std + eps) within each group of G rollouts of one problem. rewards (P, G) -> (P, G). std is the
+    *sample* std (Bessel's correction), as TRL's GRPOTrainer computes it; an all-equal group gives exactly 0."""
     rewards = rewards.double()
-    centred = rewards - rewards.mean(dim=1, keepdim=True)  # (P, G)
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
     return (centred / (rewards.std(dim=1, keepdim=True) + eps)).float()
 
 # -----------------------------------------------------------------------------
-# the per-token loss: the clipped surrogate, fed to lm.chunked_loss so T x V logits never exist at once
+# 7. the loss: the rollout tokens' log-probs, chunk by chunk, then the clipped surrogate on them
 
 
-def token_logprobs(logits, targets, temperature):
-    """log p(target) under softmax(logits / T), the distribution that sampled the rollout. (C,)"""
-    logits = lm.upcast(logits)
-    return (logits / (temperature if temperature > 0 else 1.0)).log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+def token_logprobs(hidden, head, targets, temperature):
+    """log p(target) under softmax(hidden @ head.T / T), the distribution that sampled the rollout. (C,)"""
+    return (opsd.upcast(hidden @ head.T) / temperature).log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+
+
+def rollout_logprobs(hidden, head, targets, temperature, chunk_size):
+    """token_logprobs for all N rows, chunk_size rows at a time; each chunk's (C, V) logits are recomputed in the
+    backward pass (checkpoint) instead of kept, so only one chunk's exist at a time. (N,)"""
+    return torch.cat([checkpoint(token_logprobs, hidden[i:i + chunk_size], head, targets[i:i + chunk_size], temperature,
+                                 use_reentrant=False) for i in range(0, len(targets), chunk_size)])
 
 
 def clipped_surrogate(logp, old_logp, advantages, clip_eps):
-    """PPO's per-token loss -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A), ratio = exp(logp - old_logp).
-    Its gradient in logp is -ratio A where the unclipped term is the minimum, else 0 (the update has already
-    moved this token's probability far enough in the advantage's direction)."""
+    """PPO's per-token loss -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A), ratio = exp(logp - old_logp). Its gradient
+    in logp is -ratio A where the unclipped term is the minimum, else 0. Returns (loss, clipped?) per token."""
     ratio = (logp - old_logp).exp()
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
+    unclipped, clipped = ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
     return -torch.min(unclipped, clipped), (clipped < unclipped).float()
 
 
-def grpo_token_fn(*, temperature=1.0, clip_eps=0.2, kl_beta=0.0, ppo_epochs=1):
-    """Per-token GRPO loss for lm.chunked_loss. Extras per token: targets, advantages, then old_logp if
-    ppo_epochs > 1, then ref_logp if kl_beta > 0 (both computed once, without grad, before the update)."""
-    def token_fn(logits, targets, advantages, *given):
-        given = iter(given)
-        logp = token_logprobs(logits, targets, temperature)  # (C,)
-        # one update per batch: the policy being scored is the one that sampled, so old_logp is logp itself,
-        # detached; the ratio is exactly 1, the clip never binds, and the gradient is A * grad logp
-        # (REINFORCE with the group baseline). With E > 1 epochs old_logp is fixed.
-        old_logp = next(given) if ppo_epochs > 1 else logp.detach()
-        loss, clipped = clipped_surrogate(logp, old_logp, advantages, clip_eps)
-        out = {"clipped": clipped}
-        if kl_beta > 0:
-            log_ratio = next(given) - logp  # log p_ref / p
-            kl = log_ratio.exp() - log_ratio - 1  # k3: unbiased, always >= 0 (DeepSeekMath Eq. 4)
-            loss = loss + kl_beta * kl
-            out["kl"] = kl
-        out["loss"] = loss
-        return out
-    return token_fn
-
-
-@torch.no_grad()
-def rollout_logprobs(model, batch, temperature, chunk_size):
-    """log p(rollout token) for every completion token of a batch, chunk by chunk of positions. (N,)"""
-    _, weight = lm.lm_parts(model)
-    hidden = lm.completion_hidden(model, batch)  # (N, H)
-    return torch.cat([token_logprobs(hidden[start:start + chunk_size] @ weight.T, batch["targets"][start:start + chunk_size], temperature)
-                      for start in range(0, hidden.shape[0], chunk_size)])
+def grpo_token_loss(logp, advantages, old_logp=None, ref_logp=None, clip_eps=0.2, kl_beta=0.0):
+    """Per-token GRPO loss from the rollout tokens' log-probs (N,). One update per batch: the policy being scored is
+    the one that sampled, so old_logp is logp itself, detached; the ratio is exactly 1 and the gradient is
+    A grad logp (REINFORCE with the group baseline). With E > 1 epochs old_logp is fixed before the first."""
+    loss, clipped = clipped_surrogate(logp, logp.detach() if old_logp is None else old_logp, advantages, clip_eps)
+    out = {"clipped": clipped}
+    if kl_beta > 0:
+        log_ratio = ref_logp - logp  # log p_ref / p
+        out["kl"] = log_ratio.exp() - log_ratio - 1  # k3: unbiased, always >= 0 (DeepSeekMath Eq. 4)
+        loss = loss + kl_beta * out["kl"]
+    return {**out, "loss": loss}
 
 # -----------------------------------------------------------------------------
-# the run
+# 9. the run
 
 
 def main(argv=None):
     # 1. config
-    args = common.parse_config(get_parser(), argv)
+    args = plumbing.parse_config(get_parser(), argv)
     if args.kl_beta > 0 and args.full_finetune:
         raise prompts.UserError("--kl-beta > 0 needs LoRA: the reference is the model with the adapter switched off")
-    # 2-4. distributed init, data (problems with a gold answer), model + LoRA, optimizer (ppo_epochs updates a step)
-    run = common.setup_run(args, "grpo", require=("problem", "answer"), updates_per_step=args.ppo_epochs)
-    model, tokenizer, records = run.model, run.tokenizer, run.records
-    generated_total = run.state.get("generated_tokens", 0)
-    # 5. sampler
-    sampler = common.make_run_sampler(run, args)
-    per_rank = args.batch_size // run.world
+    # 2. torchrun
+    rank, world, device = opsd.init_distributed()
+    dtype = opsd.compute_dtype(args.dtype, device)
+    # 3. data: problems with a gold answer
+    records = prompts.load_records(args.data, args.split, require=("problem", "answer"), limit=args.max_problems)
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(records) / args.batch_size))
+    run = plumbing.Run(args, "grpo", rank, world, device)
+    # 4. model + LoRA, the optimizer (ppo_epochs updates a step), and on --resume the checkpoint's state
+    torch.manual_seed(args.seed)
+    model, tokenizer = opsd.load_model(args.model, device, dtype, opsd.lora_config(args),
+                                       grad_checkpointing=args.grad_checkpointing)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = opsd.make_optimizer(args, params, total_steps * args.ppo_epochs)
+    state = run.restore(model, optimizer, scheduler, total_steps)
+    generated_total = state.get("generated_tokens", 0)
+    # 5. the sampler
+    sampler = opsd.make_sampler(args.sampler, model, tokenizer, args.model, device, dtype,
+                                None if args.full_finetune else args.lora_r, args.seed, args.vllm_gpu_memory, world,
+                                args.vllm_sleep)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    top_k=args.sampling_top_k)
+    temperature, per_rank = args.temperature or 1.0, args.batch_size // world
     n_rollouts = per_rank * args.group_size  # sequences per rank per step
-    common.print0(f"{len(records)} problems | {run.total_steps} steps x {args.batch_size} problems x {args.group_size} rollouts "
-                  f"({run.world} ranks x {n_rollouts} sequences, micro-batch {args.micro_batch_size}) | "
-                  f"{sum(p.numel() for p in run.params):,} trainable parameters | clip {args.ppo_clip_eps} kl {args.kl_beta} "
-                  f"epochs {args.ppo_epochs} | sampler {type(sampler).__name__}")
-    policy_weight = lm.lm_parts(model)[1]
-    token_fn = grpo_token_fn(temperature=args.temperature, clip_eps=args.ppo_clip_eps, kl_beta=args.kl_beta, ppo_epochs=args.ppo_epochs)
-    summary = {}
-    for step in range(run.start_step, run.total_steps):
-        t0 = time.time()
-        # 6. this rank's problems as prompt ids (never re-encoded); G rollouts each; 0/1 rewards; advantages
-        batch = [records[i] for i in common.batch_indices(len(records), step, args.batch_size, args.seed, run.rank, run.world)]
+    run.print(f"{len(records)} problems | {total_steps} steps x {args.batch_size} problems x {args.group_size} rollouts "
+              f"({world} ranks x {n_rollouts} sequences) | {sum(p.numel() for p in params):,} trainable parameters | "
+              f"clip {args.ppo_clip_eps} kl {args.kl_beta} epochs {args.ppo_epochs} | {type(sampler).__name__}")
+    record = {}
+    for step in range(run.start_step, total_steps):
+        t0 = time.perf_counter()
+        # 6. this rank's problems as prompt ids; G rollouts each from the current policy; 0/1 rewards; advantages
+        indices = opsd.batch_indices(len(records), step, args.batch_size, args.seed, rank, world)
+        batch = [records[i] for i in indices]
         student_prompts = [prompts.student_prompt_ids(tokenizer, r["problem"], args.thinking) for r in batch]
-        sampler.update(model, step)
-        groups = sampler.generate(student_prompts, args.group_size, args.max_new_tokens, args.temperature,
-                                  args.top_p, args.sampling_top_k, seed=args.seed + step)
+        seeds = [plumbing.request_seed(args.seed, step, i) for i in indices]
+        adapter = opsd.adapter_for(sampler, model, args.out_dir, rank, f"step{step}")
+        groups = [[s.ids for s in group] for group in sampler.generate(student_prompts, args.group_size, sampling, seeds,
+                                                                       adapter)]
         rollouts = [r for group in groups for r in group]  # problem-major: rollout i * G + j is (problem i, sample j)
         rollout_prompts = [p for p in student_prompts for _ in range(args.group_size)]
-        t_sample = time.time() - t0
+        t_sample = time.perf_counter() - t0
         rewards = torch.tensor([[float(prompts.grade(tokenizer.decode(r, skip_special_tokens=True), record["answer"]))
                                  for r in group] for group, record in zip(groups, batch)])  # (P, G)
-        advantages = group_advantages(rewards, args.adv_eps).flatten().to(run.device)  # (P * G,)
-        # 7. score the rollouts micro-batch by micro-batch; each rollout's tokens share its advantage. The loss
-        # is the mean over a rollout's tokens, then over rollouts (lm.sequence_mean_weights, as opsd.py)
-        parts = [slice(start, start + args.micro_batch_size) for start in range(0, n_rollouts, args.micro_batch_size)]
-        micro_batches = [lm.build_batch(rollout_prompts[part], rollouts[part], tokenizer.pad_token_id, run.device) for part in parts]
-        extras = [[b["targets"], advantages[part].repeat_interleave(b["lengths"])] for part, b in zip(parts, micro_batches)]
-        for b, extra in zip(micro_batches, extras):  # fixed per-token log-probs, once, before any update
-            if args.ppo_epochs > 1:
-                extra.append(rollout_logprobs(model, b, args.temperature, args.chunk_size))  # old_logp
-            if args.kl_beta > 0:
-                with model.disable_adapter():
-                    extra.append(rollout_logprobs(model, b, args.temperature, args.chunk_size))  # ref_logp
+        advantages = group_advantages(rewards, args.adv_eps).flatten().to(device)  # (P * G,)
+        # 7. micro-batches; per token the rollout's advantage and weight 1/(|y_i| P G): the mean over a rollout's
+        # tokens, then over rollouts. old_logp (E > 1) and ref_logp (kl_beta > 0) are fixed before any update
+        parts = [slice(s, s + args.micro_batch_size) for s in range(0, n_rollouts, args.micro_batch_size)]
+        micro_batches = [opsd.build_batch(rollout_prompts[p], rollouts[p], tokenizer.pad_token_id, device) for p in parts]
+        fixed = []
+        for part, b in zip(parts, micro_batches):
+            given = {"advantages": advantages[part].repeat_interleave(b["lengths"]),
+                     "weights": torch.cat([torch.full((n,), 1 / (n * n_rollouts), device=device)
+                                           for n in b["lengths"].tolist()])}
+            with torch.no_grad(), opsd.autocast(device, dtype):
+                if args.ppo_epochs > 1:
+                    given["old_logp"] = rollout_logprobs(opsd.completion_hidden(model, b), opsd.lm_parts(model)[1],
+                                                         b["targets"], temperature, args.chunk_size)
+                if args.kl_beta > 0:
+                    with model.disable_adapter():
+                        given["ref_logp"] = rollout_logprobs(opsd.completion_hidden(model, b), opsd.lm_parts(model)[1],
+                                                             b["targets"], temperature, args.chunk_size)
+            fixed.append(given)
         # 8. update: ppo_epochs optimizer steps on the same rollouts (the clip binds from the second on)
-        stats, losses, grad_norms = {}, [], []
+        stats, losses, grad_norms = {"clipped": 0.0, "kl": 0.0}, [], []
         for _ in range(args.ppo_epochs):
-            loss_sum = 0.0
-            for b, extra in zip(micro_batches, extras):
-                hidden = lm.completion_hidden(model, b)  # (N, H), with grad
-                loss = lm.chunked_loss(hidden, policy_weight, lm.sequence_mean_weights(b["lengths"], n_rollouts), token_fn,
-                                       extra, args.chunk_size, stats)
-                loss.backward()
-                loss_sum += loss.detach()
-            loss, grad_norm, lr = common.optimizer_step(run, args, step, loss_sum)
-            losses.append(loss)
-            grad_norms.append(grad_norm)
+            loss = 0.0
+            for b, given in zip(micro_batches, fixed):
+                with opsd.autocast(device, dtype):
+                    logp = rollout_logprobs(opsd.completion_hidden(model, b), opsd.lm_parts(model)[1], b["targets"],
+                                            temperature, args.chunk_size)  # (N,), with grad
+                    out = grpo_token_loss(logp, given["advantages"], given.get("old_logp"), given.get("ref_logp"),
+                                          args.ppo_clip_eps, args.kl_beta)
+                    part_loss = (out["loss"] * given["weights"]).sum()
+                part_loss.backward()
+                loss += part_loss.detach()
+                for k in ("clipped", "kl"):
+                    stats[k] += (out[k] * given["weights"]).sum().detach() / args.ppo_epochs if k in out else 0.0
+            loss = plumbing.gather({"loss": (loss, "mean")}, world, device)["loss"]
+            grad_norm, lr = opsd.update(params, optimizer, scheduler, args.max_grad_norm, world, step, loss)
+            losses, grad_norms = losses + [loss], grad_norms + [grad_norm]
         # 9. log, eval, checkpoint
         generated = sum(len(r) for r in rollouts)
-        metrics = common.gather(run, sums={"generated": generated},
-                                means={"rollout_len": generated / n_rollouts, "rollout_acc": rewards.mean(),
-                                       "zero_adv_groups": (rewards == rewards[:, :1]).all(dim=1).float().mean(),
-                                       "clip_frac": stats["clipped"] / args.ppo_epochs, "kl": stats.get("kl", 0.0) / args.ppo_epochs})
+        metrics = plumbing.gather({"generated": (generated, "sum"), "rollout_acc": (rewards.mean(), "mean"),
+                                   "zero_adv_groups": ((rewards == rewards[:, :1]).all(dim=1).float().mean(), "mean"),
+                                   "clip_frac": (stats["clipped"], "mean"), "kl": (stats["kl"], "mean")}, world, device)
         generated_total += int(metrics["generated"])
-        elapsed = time.time() - t0
-        loss, grad_norm = sum(losses) / len(losses), sum(grad_norms) / len(grad_norms)
-        # rollout_acc is the mean reward; generated_tokens(_total) are the keys opsd.py logs, for the token-budget comparison
-        summary = {"step": step + 1, "loss": loss, **{k: metrics[k] for k in ("rollout_acc", "zero_adv_groups", "clip_frac", "kl", "rollout_len")},
-                   "generated_tokens": int(metrics["generated"]), "generated_tokens_total": generated_total,
-                   "tokens_per_s": metrics["generated"] / elapsed, "lr": lr, "grad_norm": grad_norm, "time_sample": t_sample,
-                   "time_step": elapsed}
+        elapsed, loss, grad_norm = time.perf_counter() - t0, sum(losses) / len(losses), sum(grad_norms) / len(grad_norms)
+        # rollout_acc is the mean reward; generated_tokens(_total) are opsd.py's keys, for the token-budget comparison
+        record = {"step": step + 1, "loss": loss, **{k: metrics[k] for k in ("rollout_acc", "zero_adv_groups", "clip_frac",
+                                                                            "kl")},
+                  "rollout_len": metrics["generated"] / (args.batch_size * args.group_size),
+                  "generated_tokens": int(metrics["generated"]), "generated_tokens_total": generated_total,
+                  "tokens_per_s": metrics["generated"] / elapsed, "lr": lr, "grad_norm": grad_norm,
+                  "time_sample": t_sample, "time_step": elapsed}
         surrogate = f"loss {loss:.4f} | " if args.ppo_epochs > 1 else ""  # with one epoch it is 0 by construction
-        run.logger.log(summary, f"step {step + 1}/{run.total_steps} | {surrogate}reward {metrics['rollout_acc']:.2f} | "
-                                f"zero-adv groups {metrics['zero_adv_groups']:.2f} | grad norm {grad_norm:.3f} | "
-                                f"len {metrics['rollout_len']:.0f} | {summary['tokens_per_s']:.0f} tok/s | "
-                                f"sample {t_sample:.1f}s step {elapsed:.1f}s | lr {lr:.2e}")
-        if common.eval_due(args, step, run.total_steps):
-            common.evaluate(run, args, sampler, step + 1)
-        if common.end_step(run, args, step, {"generated_tokens": generated_total}):
+        run.log(record, f"step {step + 1}/{total_steps} | {surrogate}reward {record['rollout_acc']:.2f} | zero-adv groups "
+                        f"{record['zero_adv_groups']:.2f} | grad norm {grad_norm:.3f} | len {record['rollout_len']:.0f} | "
+                        f"{record['tokens_per_s']:.0f} tok/s | {elapsed:.1f}s")
+        if run.eval_due(step, total_steps):
+            run.evaluate(step + 1, sampler, tokenizer, thinking=args.thinking,
+                         adapter=opsd.adapter_for(sampler, model, args.out_dir, rank, f"eval{step + 1}"))
+        if run.end_step(step, model, tokenizer, optimizer, scheduler, {"generated_tokens": generated_total}):
             break
-    common.finish(run, args, sampler)
-    return summary
+    run.finish(sampler)
+    return record
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    plumbing.run_script(main)

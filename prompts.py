@@ -68,10 +68,50 @@ def student_prompt_ids(tokenizer, problem, thinking=False) -> list[int]:
     return chat_prompt_ids(tokenizer, student_messages(problem), thinking)
 
 
-def teacher_prompt_ids(tokenizer, record, thinking=False, context="solution") -> list[int]:
-    """The one place a teacher prompt is made (opsd.py, eval.py --teacher-prompt, sft.py's teacher-format
-    examples, toy.py). context: "solution" (the reference solution) or "answer" (only the final answer)."""
-    return chat_prompt_ids(tokenizer, teacher_messages(record, context), thinking)
+ASSISTANT = "<|im_start|>assistant\n"  # where the generation prompt of a Qwen3-style chat template starts
+
+
+def teacher_prompt_ids(tokenizer, record, thinking=False, context="solution", student_thinking=None) -> list[int]:
+    """The one place a teacher prompt is made (opsd.py, eval.py --teacher-context, sft.py's teacher-format
+    examples, toy.py). context: "solution" (the reference solution) or "answer" (only the final answer).
+    `thinking` is the teacher's own chat-template setting; the rollout it scores was written after the
+    *student's* generation prompt, so the teacher's prompt ends with the student's assistant prefix
+    (student_thinking, default: the same as the teacher's). With Qwen3's template the two differ only by the
+    empty `<think>\n\n</think>\n\n` of thinking off: a thinking teacher scoring a non-thinking rollout gets
+    that block back, so the rollout's first token is scored where the student wrote it (the official code
+    leaves it out: its issue #10), and a non-thinking teacher scoring a thinking rollout loses it."""
+    ids = chat_prompt_ids(tokenizer, teacher_messages(record, context), thinking)
+    if student_thinking is None or student_thinking == thinking:
+        return ids
+    own, wanted = (assistant_prefix(tokenizer, t) for t in (thinking, student_thinking))
+    if ids[len(ids) - len(own):] != own:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r}: the chat template's generation prompt does not end in "
+                         f"{tokenizer.decode(own)!r}; cannot align the teacher's prompt with the student's")
+    return ids[:len(ids) - len(own)] + wanted
+
+
+def assistant_prefix(tokenizer, thinking) -> list[int]:
+    """The ids the generation prompt ends with, from the assistant tag on: what a thinking setting adds."""
+    ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": "x"}], thinking)
+    tag = tokenizer(ASSISTANT, add_special_tokens=False)["input_ids"]
+    starts = [i for i in range(len(ids) - len(tag), -1, -1) if ids[i:i + len(tag)] == tag]
+    if not starts:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r}: no {ASSISTANT!r} in its generation prompt")
+    return ids[starts[0]:]
+
+
+REFERENCE_CUT = "\n[... the rest of the reference solution is cut here ...]"
+
+
+def cut_reference(tokenizer, record, max_tokens):
+    """(record, cut?): the reference solution cut to its first max_tokens tokens and marked, so the teacher
+    knows it is incomplete; the problem and the instruction are never cut. None: no limit."""
+    if max_tokens is None or not record.get("solution"):
+        return record, False
+    ids = tokenizer(record["solution"], add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return record, False
+    return {**record, "solution": tokenizer.decode(ids[:max_tokens]) + REFERENCE_CUT}, True
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -255,7 +295,6 @@ def normalize_answer(answer: str) -> str:
 MAX_ANSWER_CHARS = 2000  # longer "answers" are rambling, not answers; only the string compare sees them
 _STARTUP_SECONDS = 120  # importing sympy on a loaded node can be slow; the per-call timeout starts after
 _worker, _worker_pid, _lock = None, None, threading.Lock()
-_request_id = 0  # numbers the requests; the worker echoes it, so no reply is ever taken for another request's
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)")
 _cache: dict[tuple[str, str], bool] = {}  # math-verify's verdicts: GRPO rollouts repeat answers
 # the longest timeout a pair ran past: not a verdict (a longer timeout may get one), but it stops a slow answer
@@ -263,8 +302,20 @@ _cache: dict[tuple[str, str], bool] = {}  # math-verify's verdicts: GRPO rollout
 _gave_up: dict[tuple[str, str], float] = {}
 
 
-def _serve_grader():
-    """The worker: one JSON [request id, gold, prediction] per stdin line; "<request id> 1" (or 0) per stdout line."""
+def _serve_grader(parent):
+    """The worker: one JSON [gold, prediction] per stdin line, "1" or "0" per stdout line. It must not outlive a
+    killed parent, and sympy can compute for minutes without reading stdin or releasing the GIL (one huge integer
+    power), so a thread of its own could not notice: a forked watchdog process kills it when the parent is gone."""
+    if os.fork() == 0:
+        os.close(0), os.close(1)  # the pipes are the worker's: its death must read as EOF at once
+        worker = os.getppid()
+        while os.getppid() == worker:  # the worker lives...
+            try:
+                os.kill(parent, 0)  # ...and so does its parent
+            except ProcessLookupError:
+                os.kill(worker, 9)
+            time.sleep(0.5)
+        os._exit(0)
     import logging
     from math_verify import LatexExtractionConfig, parse, verify
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled": our kill is the timeout
@@ -272,7 +323,7 @@ def _serve_grader():
     os.dup2(2, 1)  # anything else printing to stdout must not corrupt the protocol
     reply.write(b"ready\n")
     for line in sys.stdin.buffer:
-        request_id, gold, pred = json.loads(line)
+        gold, pred = json.loads(line)
         # `$...$`: bare gold LaTeX mis-parses (2\sqrt{3} -> 2); LaTeX-only for the prediction: the Expr
         # fallback grabs stray numbers. No signal timeouts: the parent kills us instead.
         try:
@@ -281,7 +332,7 @@ def _serve_grader():
                         timeout_seconds=None)
         except Exception:  # math-verify catches most errors itself; whatever escapes means "not verified"
             ok = False
-        reply.write(b"%d %d\n" % (request_id, bool(ok)))
+        reply.write(b"1\n" if ok else b"0\n")
 
 
 def _stop_worker():
@@ -318,7 +369,7 @@ def _read_line(process, seconds: float) -> bytes | None:
 
 def _start_worker():
     global _worker, _worker_pid
-    _worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--grader-worker"],
+    _worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--grader-worker", str(os.getpid())],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
     _worker_pid = os.getpid()
     if _read_line(_worker, _STARTUP_SECONDS) != b"ready\n":
@@ -328,29 +379,23 @@ def _start_worker():
 
 
 def _math_verify(gold: str, pred: str, timeout: float) -> bool | None:
-    """math-verify's verdict, or None when the worker ran past `timeout` or died: no verdict."""
-    global _request_id
-    _request_id += 1
+    """math-verify's verdict, or None when the worker ran past `timeout` or died: no verdict. One request at a
+    time, and a worker in doubt (timed out, interrupted) is killed: a late reply can never be read as the
+    answer to the next request."""
     try:
         if _worker is None:
             _start_worker()
-        _worker.stdin.write(json.dumps([_request_id, gold, pred]).encode() + b"\n")
+        _worker.stdin.write(json.dumps([gold, pred]).encode() + b"\n")
         reply = _read_line(_worker, timeout)
     except BrokenPipeError:  # the worker died (e.g. sympy blew the C stack): this answer is not verified
         reply = None
-    except BaseException:
-        # interrupted (KeyboardInterrupt, a bug) with a request maybe in flight: its late reply would be read
-        # as the next request's, so this worker is not to be trusted again
+    except BaseException:  # interrupted (KeyboardInterrupt, a bug) with a request maybe in flight
         _stop_worker()
         raise
-    if reply is None:
+    if reply not in (b"1\n", b"0\n"):
         _stop_worker()  # timed out or died; the next call starts a fresh one
         return None
-    verdicts = {b"%d 1\n" % _request_id: True, b"%d 0\n" % _request_id: False}
-    if reply not in verdicts:
-        _stop_worker()  # cannot happen unless something else writes on the worker's pipe: fail loudly
-        raise RuntimeError(f"the grader worker is out of step: request {_request_id} got the reply {reply!r}")
-    return verdicts[reply]
+    return reply == b"1\n"
 
 
 def grade(completion: str, gold: str, timeout: float = 5.0) -> bool:
@@ -391,5 +436,5 @@ def grade(completion: str, gold: str, timeout: float = 5.0) -> bool:
         return _cache.get(key, False)
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["--grader-worker"]:
-    _serve_grader()
+if __name__ == "__main__" and sys.argv[1:2] == ["--grader-worker"]:
+    _serve_grader(int(sys.argv[2]))

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import eval as evaluate
-import lm
+import opsd
 import prompts
+import sft
 import toy
 
 
@@ -39,39 +40,39 @@ def test_pass_at_k_matches_brute_force_enumeration():
             for k in range(1, n + 1):
                 subsets = list(itertools.combinations(correct, k))
                 expected = sum(any(s) for s in subsets) / len(subsets)
-                assert lm.pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12), (n, c, k)
+                assert evaluate.pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12), (n, c, k)
 
 
 def test_pass_at_k_is_stable_for_large_n_and_rejects_bad_input():
-    assert lm.pass_at_k(1000, 1, 1) == pytest.approx(0.001)
-    assert 0 < lm.pass_at_k(10_000, 3, 16) < 1
+    assert evaluate.pass_at_k(1000, 1, 1) == pytest.approx(0.001)
+    assert 0 < evaluate.pass_at_k(10_000, 3, 16) < 1
     with pytest.raises(ValueError):
-        lm.pass_at_k(4, 5, 1)
+        evaluate.pass_at_k(4, 5, 1)
 
 
 def test_maj_at_k_votes_on_normalised_answers_and_breaks_ties_by_first_seen():
     # normalised: \dfrac{1}{2} and \frac{1}{2} are one answer (2 votes) and beat 3 (1 vote)
-    assert lm.maj_at_k(["3", "\\dfrac{1}{2}", "\\frac{1}{2}"], [False, True, True], 3) == 1.0
+    assert evaluate.maj_at_k(["3", "\\dfrac{1}{2}", "\\frac{1}{2}"], [False, True, True], 3) == 1.0
     # a tie: the answer seen first wins
-    assert lm.maj_at_k(["5", "7"], [False, True], 2) == 0.0
-    assert lm.maj_at_k(["7", "5"], [True, False], 2) == 1.0
+    assert evaluate.maj_at_k(["5", "7"], [False, True], 2) == 0.0
+    assert evaluate.maj_at_k(["7", "5"], [True, False], 2) == 1.0
     # only the first k samples vote; samples with no answer do not vote
-    assert lm.maj_at_k(["7", "5", "5"], [True, False, False], 1) == 1.0
-    assert lm.maj_at_k([None, None, "5"], [False, False, True], 3) == 1.0
-    assert lm.maj_at_k([None, None], [False, False], 2) == 0.0
+    assert evaluate.maj_at_k(["7", "5", "5"], [True, False, False], 1) == 1.0
+    assert evaluate.maj_at_k([None, None, "5"], [False, False, True], 3) == 1.0
+    assert evaluate.maj_at_k([None, None], [False, False], 2) == 0.0
 
 
 def test_majority_wrong_while_pass_at_k_right_and_the_averages():
     def rows(answers, gold):
         return [{"extracted": a, "correct": a == gold, "length": 10} for a in answers]
     # the right answer once, a wrong one three times: pass@4 = 1, maj@4 = 0, avg 1/4
-    wrong_majority = lm.problem_metrics(rows(["1", "2", "2", "2"], "1"), [1, 2, 4])
+    wrong_majority = evaluate.problem_metrics(rows(["1", "2", "2", "2"], "1"), [1, 2, 4])
     assert wrong_majority["pass@4"] == 1.0 and wrong_majority["maj@4"] == 0.0 and wrong_majority["correct"] == 1
     assert wrong_majority["pass@1"] == pytest.approx(0.25) and wrong_majority["maj@1"] == 1.0
-    all_right = lm.problem_metrics(rows(["1"] * 4, "1"), [1, 2, 4])
-    none_right = lm.problem_metrics(rows([None] * 4, "1"), [1, 2, 4])
+    all_right = evaluate.problem_metrics(rows(["1"] * 4, "1"), [1, 2, 4])
+    none_right = evaluate.problem_metrics(rows([None] * 4, "1"), [1, 2, 4])
     per_problem = {("a", 0): wrong_majority, ("a", 1): all_right, ("b", 0): none_right}
-    summary = lm.reduce_summary(per_problem, ["a", "b"], [1, 2, 4], world=1)
+    summary = evaluate.reduce_summary(per_problem, ["a", "b"], [1, 2, 4], world=1)
     assert summary["benchmarks"]["a"]["avg"] == pytest.approx(5 / 8)
     assert summary["benchmarks"]["b"]["avg"] == 0.0
     assert summary["avg"] == pytest.approx(5 / 12)  # mean over the 3 problems
@@ -124,7 +125,8 @@ def test_adapter_is_loaded_and_changes_the_outputs(tiny, tmp_path):
     from safetensors.torch import load_file
     adapter = make_adapter(tiny, str(tmp_path / "adapter"))
     saved = load_file(os.path.join(adapter, "adapter_model.safetensors"))
-    loaded = dict(lm.load_adapter(lm.load_model(tiny["model"], torch.device("cpu"))[0], adapter).named_parameters())
+    from peft import PeftModel
+    loaded = dict(PeftModel.from_pretrained(opsd.load_model(tiny["model"], torch.device("cpu"))[0], adapter).named_parameters())
     for name, value in saved.items():
         match = [p for n, p in loaded.items() if n.replace(".default", "") == name]
         assert len(match) == 1 and torch.equal(match[0], value), name
@@ -136,8 +138,11 @@ def test_adapter_is_loaded_and_changes_the_outputs(tiny, tmp_path):
     assert base["samples"] == tuned["samples"]
 
 
-def test_resume_samples_only_the_missing_problems_and_gives_the_same_summary(tiny, tmp_path, monkeypatch):
-    full = evaluate.main(cli(tiny, tmp_path / "full"))
+@pytest.mark.parametrize("temperature", ["0", "1.0"], ids=["greedy", "sampled"])
+def test_resume_samples_only_the_missing_problems_and_gives_the_same_summary(tiny, tmp_path, monkeypatch, temperature):
+    """Sampled too: a problem's samples depend only on --seed and the problem, not on what the process sampled before
+    (the resumed run samples problems 2-4 in a call of its own, a different batch from the uninterrupted run's)."""
+    full = evaluate.main(cli(tiny, tmp_path / "full", temperature=temperature))
     lines = open(tmp_path / "full" / "samples.jsonl").readlines()
     stopped = tmp_path / "stopped"
     stopped.mkdir()
@@ -146,21 +151,24 @@ def test_resume_samples_only_the_missing_problems_and_gives_the_same_summary(tin
         f.writelines(lines[:5])
         f.write(lines[5][:20])
     asked = []
-    generate = lm.HFSampler.generate
+    generate = opsd.HFSampler.generate
 
     def spy(self, prompt_ids, *args, **kwargs):
         asked.extend(prompt_ids)
         return generate(self, prompt_ids, *args, **kwargs)
-    monkeypatch.setattr(lm.HFSampler, "generate", spy)
-    resumed = evaluate.main(cli(tiny, stopped, "--resume"))
+    monkeypatch.setattr(opsd.HFSampler, "generate", spy)
+    resumed = evaluate.main(cli(tiny, stopped, "--resume", temperature=temperature))
     records = prompts.load_records(tiny["data"])
     assert asked == [prompts.student_prompt_ids(tiny["tokenizer"], r["problem"], False) for r in records[2:]]
     assert resumed == full
     rows = read_rows(stopped / "samples.jsonl")  # every line whole, none twice
     check_consistent(resumed, rows, 5, 2)
+    key = lambda r: (r["problem_id"], r["sample"])  # noqa: E731
+    assert sorted(map(json.dumps, sorted(rows, key=key))) == sorted(map(json.dumps, sorted(read_rows(tmp_path / "full" /
+                                                                                                   "samples.jsonl"), key=key)))
     # resuming a finished run samples nothing
     asked.clear()
-    assert evaluate.main(cli(tiny, stopped, "--resume")) == full and asked == []
+    assert evaluate.main(cli(tiny, stopped, "--resume", temperature=temperature)) == full and asked == []
 
 
 def test_a_used_out_dir_is_refused_unless_overwrite_or_resume(tiny, tmp_path):
@@ -174,7 +182,8 @@ def test_a_used_out_dir_is_refused_unless_overwrite_or_resume(tiny, tmp_path):
 
 def test_teacher_prompts_include_the_reference(tiny, tmp_path, monkeypatch):
     asked = []
-    monkeypatch.setattr(lm.HFSampler, "generate", lambda self, ids, n, *a, **k: asked.extend(ids) or [[[1]] * n for _ in ids])
+    monkeypatch.setattr(opsd.HFSampler, "generate", lambda self, ids, n, *a, **k: asked.extend(ids) or
+                        [[opsd.Sample([1], None)] * n for _ in ids])
     evaluate.main(cli(tiny, tmp_path, "--teacher-context", "solution"))
     record = prompts.load_records(tiny["data"])[0]
     assert asked[0] == prompts.teacher_prompt_ids(tiny["tokenizer"], record, False, "solution")
@@ -202,9 +211,12 @@ def test_an_adapter_dir_without_adapter_config_names_the_option(tiny, tmp_path):
 def _two_ranks(rank, world, tiny, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    results[rank] = lm.run_eval(tiny["tokenizer"], tiny["records"], FakeSampler(tiny["tokenizer"]), n=3, temperature=1.0,
-                                max_new_tokens=8, thinking=False, rank=rank, world=world)
+    results[rank] = evaluate.run_eval(tiny["tokenizer"], tiny["records"], FakeSampler(tiny["tokenizer"]), n=3,
+                                      sampling=SAMPLING, thinking=False, rank=rank, world=world)
     torch.distributed.destroy_process_group()
+
+
+SAMPLING = dict(max_new_tokens=8, temperature=1.0, top_p=1.0, top_k=0)
 
 
 class FakeSampler:
@@ -218,7 +230,8 @@ class FakeSampler:
         for ids in prompt_ids:
             text = self.tokenizer.decode(ids)
             a, b = map(int, text.split("What is ")[1].split("?")[0].split("*"))
-            out.append([self.tokenizer(f"\\boxed{{{a * b + (s if len(ids) % 2 else 0)}}}")["input_ids"] for s in range(n)])
+            out.append([opsd.Sample(self.tokenizer(f"\\boxed{{{a * b + (s if len(ids) % 2 else 0)}}}")["input_ids"], None)
+                        for s in range(n)])
         return out
 
 
@@ -227,7 +240,8 @@ def test_ranks_split_the_problems_and_all_return_the_single_process_summary(tiny
 
     import torch.multiprocessing as mp
     records = toy.make_records("test", 7, seed=3)
-    single = lm.run_eval(tiny["tokenizer"], records, FakeSampler(tiny["tokenizer"]), n=3, temperature=1.0, max_new_tokens=8, thinking=False)
+    single = evaluate.run_eval(tiny["tokenizer"], records, FakeSampler(tiny["tokenizer"]), n=3, sampling=SAMPLING,
+                               thinking=False)
     assert 0 < single["avg"] < 1  # the fake sampler is right on some problems only
     with socket.socket() as s:  # a free port: other test runs may share this machine
         s.bind(("127.0.0.1", 0))
@@ -261,11 +275,37 @@ def test_a_kill_loses_at_most_the_sampler_call_in_flight(tiny, tmp_path):
             return super().generate(prompt_ids, n, *args, **kwargs)
     records = toy.make_records("test", 5, seed=4)
     with pytest.raises(KeyboardInterrupt):
-        lm.run_eval(tiny["tokenizer"], records, DiesOnSecondCall(tiny["tokenizer"]), n=2, temperature=1.0, max_new_tokens=8,
-                    thinking=False, out_path=str(tmp_path / "samples.jsonl"), batch_size=2)
+        evaluate.run_eval(tiny["tokenizer"], records, DiesOnSecondCall(tiny["tokenizer"]), n=2, sampling=SAMPLING,
+                          thinking=False, out_path=str(tmp_path / "samples.jsonl"), batch_size=2)
     assert sorted({r["problem_id"] for r in read_rows(tmp_path / "samples.jsonl")}) == [0, 1]  # the first call's 2 problems
 
 
 def test_thinking_is_on_by_default_and_the_flag_reads_that_way():
     help_text = " ".join(evaluate.get_parser().format_help().split())
     assert "--thinking, --no-thinking" in help_text and evaluate.get_parser().parse_args([]).thinking is True
+
+
+def test_checkpoints_of_a_run_each_get_a_summary_and_the_curve_resumably(tiny, tmp_path, monkeypatch):
+    """eval.py --checkpoints RUN_DIR: every complete checkpoint evaluated in a directory of its own, the curve as a table
+    and a plot, and --resume skips the finished checkpoints (here the one whose summary exists)."""
+    run = tmp_path / "run"
+    sft.main(["--model", tiny["model"], "--data", tiny["data"], "--batch-size", "2", "--micro-batch-size", "2",
+              "--lora-r", "4", "--lora-alpha", "8", "--lr", "5e-2", "--max-steps", "3", "--save-every", "1", "--keep", "5",
+              "--out-dir", str(run)])
+    out = tmp_path / "curve"
+    result = evaluate.main(cli(tiny, out, "--checkpoints", str(run)))
+    assert [c["step"] for c in result["curve"]] == [1, 2, 3]
+    for step in (1, 2, 3):
+        summary = json.load(open(out / f"checkpoint-00000{step}" / "summary.json"))
+        assert summary["config"]["checkpoints"] == str(run) and summary["samples"] == 10
+    assert (out / "curve.md").read_text().count("\n") == 5 and "(best)" in (out / "curve.md").read_text()
+    assert (out / "curve.png").stat().st_size > 1000
+    completions = {s: [r["completion"] for r in read_rows(out / f"checkpoint-00000{s}" / "samples.jsonl")] for s in (1, 3)}
+    assert completions[1] != completions[3]  # each checkpoint's own adapter was used
+    os.remove(out / "checkpoint-000002" / "summary.json")
+    asked = []
+    generate = opsd.HFSampler.generate
+    monkeypatch.setattr(opsd.HFSampler, "generate", lambda self, ids, *a, **k: asked.append(len(ids)) or
+                        generate(self, ids, *a, **k))
+    again = evaluate.main(cli(tiny, out, "--checkpoints", str(run), "--resume"))
+    assert asked == [] and again["curve"] == result["curve"]  # checkpoint 2's samples were all there: none sampled again

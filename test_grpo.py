@@ -10,9 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
 import grpo
-import lm
+import opsd
 import prompts
 import toy
 
@@ -26,7 +25,7 @@ def world(tmp_path_factory):
 def run_args(world, out_dir, *extra):
     return ["--model", world["model"], "--data", world["data"], "--batch-size", "2", "--group-size", "4",
             "--micro-batch-size", "3", "--max-new-tokens", "16", "--lora-r", "8", "--lora-alpha", "16",
-            "--lr", "1e-2", "--warmup-ratio", "0", "--out-dir", str(out_dir), *extra]
+            "--lr", "1e-2", "--warmup-ratio", "0", "--no-compile", "--out-dir", str(out_dir), *extra]
 
 
 def parity_reward(completion, gold, timeout=5.0):
@@ -72,17 +71,17 @@ def test_clipped_surrogate_gradient_in_logp(ratio, advantage, binds):
 
 
 @pytest.mark.parametrize("ratio,advantage,binds", SURROGATE_CASES)
-def test_token_fn_gradient_in_logits_at_the_sampling_temperature(ratio, advantage, binds):
+def test_the_loss_gradient_in_logits_is_taken_at_the_sampling_temperature(ratio, advantage, binds):
     # through the logits: d logp(y) / d logits = (onehot(y) - softmax(logits / T)) / T
-    logits = torch.randn(3, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
-    targets = torch.tensor([2, 0, 6])
-    logp = (logits.detach() / 1.5).log_softmax(-1).gather(-1, targets[:, None])[:, 0]
-    advantages = torch.full((3,), advantage, dtype=torch.float64)
-    out = grpo.grpo_token_fn(temperature=1.5, ppo_epochs=2)(logits, targets, advantages, logp - math.log(ratio))
+    hidden = torch.randn(3, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    head, targets = torch.eye(7, dtype=torch.float64), torch.tensor([2, 0, 6])  # logits = hidden
+    logp = grpo.rollout_logprobs(hidden, head, targets, 1.5, chunk_size=2)
+    old_logp = logp.detach() - math.log(ratio)
+    out = grpo.grpo_token_loss(logp, torch.full((3,), advantage, dtype=torch.float64), old_logp)
     out["loss"].sum().backward()
     dloss_dlogp = 0.0 if binds else -ratio * advantage
-    expected = dloss_dlogp * (torch.nn.functional.one_hot(targets, 7) - (logits.detach() / 1.5).softmax(-1)) / 1.5
-    torch.testing.assert_close(logits.grad, expected)
+    expected = dloss_dlogp * (torch.nn.functional.one_hot(targets, 7) - (hidden.detach() / 1.5).softmax(-1)) / 1.5
+    torch.testing.assert_close(hidden.grad, expected)
     assert out["clipped"].tolist() == [float(binds)] * 3
 
 
@@ -91,7 +90,7 @@ def test_one_epoch_is_reinforce_with_ratio_one():
     logits = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
     targets = torch.tensor([0, 1, 2, 3])
     advantages = torch.tensor([1.0, -1.0, 0.5, 0.0], dtype=torch.float64)
-    out = grpo.grpo_token_fn(temperature=1.0)(logits, targets, advantages)
+    out = grpo.grpo_token_loss(grpo.token_logprobs(logits, torch.eye(5, dtype=torch.float64), targets, 1.0), advantages)
     out["loss"].sum().backward()
     torch.testing.assert_close(out["loss"], -advantages)
     expected = -advantages[:, None] * (torch.nn.functional.one_hot(targets, 5) - logits.detach().softmax(-1))
@@ -104,10 +103,22 @@ def test_kl_term_is_k3_to_the_reference():
     targets = torch.tensor([1, 4])
     logp = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
     ref_logp = logp + torch.tensor([0.0, 0.3], dtype=torch.float64)
-    out = grpo.grpo_token_fn(temperature=1.0, kl_beta=0.1)(logits, targets, torch.zeros(2, dtype=torch.float64), ref_logp)
+    out = grpo.grpo_token_loss(logp, torch.zeros(2, dtype=torch.float64), ref_logp=ref_logp, kl_beta=0.1)
     kl = torch.tensor([0.0, math.exp(0.3) - 0.3 - 1], dtype=torch.float64)
     torch.testing.assert_close(out["kl"], kl)
     torch.testing.assert_close(out["loss"], 0.1 * kl)
+
+
+def test_chunked_log_probs_equal_the_full_ones_and_their_gradient():
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(11, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    head, targets = torch.randn(30, 8, dtype=torch.float64, generator=generator), torch.randint(30, (11,), generator=generator)
+    full = (hidden @ head.T / 0.7).log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+    (grad,) = torch.autograd.grad(full.sum(), hidden)
+    chunked = grpo.rollout_logprobs(hidden, head, targets, 0.7, chunk_size=4)  # a ragged last chunk
+    torch.testing.assert_close(chunked, full, atol=1e-12, rtol=0)
+    chunked.sum().backward()
+    torch.testing.assert_close(hidden.grad, grad, atol=1e-12, rtol=0)
 
 # -----------------------------------------------------------------------------
 # 3. the reward is prompts.grade on the decoded rollout and the gold answer
@@ -115,7 +126,7 @@ def test_kl_term_is_k3_to_the_reference():
 
 def test_reward_is_prompts_grade_on_decoded_rollouts(world, tmp_path, monkeypatch):
     grade_calls, sampled = [], []
-    real_grade, real_generate = prompts.grade, lm.HFSampler.generate
+    real_grade, real_generate = prompts.grade, opsd.HFSampler.generate
 
     def recording_grade(completion, gold, timeout=5.0):
         real_grade(completion, gold, timeout)  # the real grader accepts what it is given
@@ -124,17 +135,17 @@ def test_reward_is_prompts_grade_on_decoded_rollouts(world, tmp_path, monkeypatc
 
     def recording_generate(self, prompt_ids, n, *args, **kwargs):
         groups = real_generate(self, prompt_ids, n, *args, **kwargs)
-        sampled.extend(r for group in groups for r in group)
+        sampled.extend(s.ids for group in groups for s in group)
         return groups
     monkeypatch.setattr(prompts, "grade", recording_grade)
-    monkeypatch.setattr(lm.HFSampler, "generate", recording_generate)
+    monkeypatch.setattr(opsd.HFSampler, "generate", recording_generate)
     summary = grpo.main(run_args(world, tmp_path, "--max-steps", "1"))
     tokenizer = world["tokenizer"]
     records = prompts.load_records(world["data"])
-    gold = [records[i]["answer"] for i in common.batch_indices(len(records), 0, 2, 0, 0, 1) for _ in range(4)]
+    gold = [records[i]["answer"] for i in opsd.batch_indices(len(records), 0, 2, 0, 0, 1) for _ in range(4)]
     assert [c for c, _, _ in grade_calls] == [tokenizer.decode(r, skip_special_tokens=True) for r in sampled]
     assert [g for _, g, _ in grade_calls] == gold
-    assert len(sampled) == 8
+    assert len(sampled) == 8 and len({tuple(s) for s in sampled}) == 8  # the group's samples differ
     assert summary["rollout_acc"] == pytest.approx(sum(r for _, _, r in grade_calls) / 8)
     assert summary["generated_tokens"] == summary["generated_tokens_total"] == sum(len(r) for r in sampled)
 
@@ -144,28 +155,27 @@ def test_reward_is_prompts_grade_on_decoded_rollouts(world, tmp_path, monkeypatc
 
 def test_update_raises_positive_and_lowers_negative_advantage_rollouts(world):
     torch.manual_seed(0)
-    model, tokenizer = lm.load_model(world["model"], torch.device("cpu"), lora=dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
+    model, tokenizer = opsd.load_model(world["model"], torch.device("cpu"),
+                                       lora=dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
     prompt = prompts.student_prompt_ids(tokenizer, "What is 123*4?")
     rollouts = [prompts.completion_ids(tokenizer, text) for text in
                 ["3*4+0=12\n\\boxed{492}", "hello world", "\\boxed{7}", "9*9+8=89\n2*4+1=9"]]
     advantages = grpo.group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]])).flatten()  # (+, -, -, +)
-    batch = lm.build_batch([prompt] * 4, rollouts, tokenizer.pad_token_id, torch.device("cpu"))
-
-    def sequence_logp():
-        per_token = grpo.rollout_logprobs(model, batch, 1.0, 128)
-        return torch.stack([part.sum() for part in per_token.split(batch["lengths"].tolist())])
-    before = sequence_logp()
+    batch = opsd.build_batch([prompt] * 4, rollouts, tokenizer.pad_token_id, torch.device("cpu"))
+    logp = lambda: grpo.rollout_logprobs(opsd.completion_hidden(model, batch), opsd.lm_parts(model)[1], batch["targets"],
+                                         1.0, 16)  # noqa: E731
+    with torch.no_grad():
+        before = torch.stack([part.sum() for part in logp().split(batch["lengths"].tolist())])
     # a LoRA adapter starts at B = 0, so the first step only moves B: take a few small SGD steps
-    optimizer = torch.optim.SGD(lm.trainable_parameters(model), lr=0.05)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    weights = torch.cat([torch.full((n,), 1 / (4 * n)) for n in batch["lengths"].tolist()])
     for _ in range(3):
-        hidden = lm.completion_hidden(model, batch)
-        weights = lm.sequence_mean_weights(batch["lengths"], 4)
-        loss = lm.chunked_loss(hidden, lm.lm_parts(model)[1], weights, grpo.grpo_token_fn(temperature=1.0),
-                               (batch["targets"], advantages.repeat_interleave(batch["lengths"])), 16)
-        loss.backward()
+        out = grpo.grpo_token_loss(logp(), advantages.repeat_interleave(batch["lengths"]))
+        (out["loss"] * weights).sum().backward()
         optimizer.step()
         optimizer.zero_grad()
-    change = sequence_logp() - before
+    with torch.no_grad():
+        change = torch.stack([part.sum() for part in logp().split(batch["lengths"].tolist())]) - before
     assert (change[advantages > 0] > 0).all() and (change[advantages < 0] < 0).all(), change
 
 # -----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import bench_toy
 import opsd
+import prompts
 import toy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,13 +35,14 @@ def load_idea(name, directory):
 
 
 def train(main, world, out_dir, *flags):
-    main(["--model", world["model"], "--data", world["data"], "--batch-size", "2", "--micro-batch-size", "2", "--max-new-tokens", "8",
-          "--lora-r", "8", "--lora-alpha", "16", "--lr", "1e-2", "--max-steps", "2", "--out-dir", str(out_dir), *flags])
+    main(["--model", world["model"], "--data", world["data"], "--batch-size", "2", "--micro-batch-size", "2",
+          "--max-new-tokens", "8", "--lora-r", "8", "--lora-alpha", "16", "--lr", "1e-2", "--max-steps", "2", "--no-compile",
+          "--out-dir", str(out_dir), *flags])
     return load_file(os.path.join(out_dir, "checkpoint-000002", "adapter_model.safetensors"))
 
 
 def test_there_are_ideas():
-    assert IDEAS == ["geometric_mixture", "reference_only"]
+    assert IDEAS == ["geometric_mixture", "reference_only", "task_reward"]
 
 
 @pytest.mark.parametrize("name", IDEAS)
@@ -50,7 +52,7 @@ def test_each_idea_applies_and_its_header_states_its_true_size(name, tmp_path):
     added = sum(line.startswith("+") and not line.startswith("+++") for line in body)
     removed = sum(line.startswith("-") and not line.startswith("---") for line in body)
     assert re.search(r"^Size: \+(\d+) -(\d+) lines of opsd\.py", text, re.M).groups() == (str(added), str(removed))
-    assert re.search(r"arXiv \d{4}\.\d{5}", text.split("--- a/opsd.py")[0])  # the source is named
+    assert re.search(r"arXiv \d{4}\.\d{5}|verl", text.split("--- a/opsd.py")[0])  # the source is named
     patched = open(bench_toy.apply_idea(name, str(tmp_path))).read()
     assert patched != open(os.path.join(HERE, "opsd.py")).read()
 
@@ -58,16 +60,16 @@ def test_each_idea_applies_and_its_header_states_its_true_size(name, tmp_path):
 def test_geometric_mixture_at_w_1_has_the_reverse_kl_gradient(tmp_path):
     idea = load_idea("geometric_mixture", tmp_path)
     generator = torch.Generator().manual_seed(0)
-    hidden, teacher_hidden = torch.randn(9, 16, generator=generator, dtype=torch.float64), torch.randn(9, 16, generator=generator, dtype=torch.float64)
-    weight, targets = torch.randn(40, 16, generator=generator, dtype=torch.float64), torch.randint(40, (9,), generator=generator)
+    student, teacher = (torch.randn(9, 40, generator=generator, dtype=torch.float64) for _ in range(2))
+    targets = torch.randint(40, (9,), generator=generator)
 
-    def gradient(token_fn):
-        logits = (hidden @ weight.T).requires_grad_()
-        token_fn(logits, teacher_hidden, targets)["loss"].sum().backward()
+    def gradient(module, **options):
+        logits = student.clone().requires_grad_()
+        module.opsd_token_loss(logits, teacher, targets, temperature=1.1, **options)["loss"].sum().backward()
         return logits.grad
-    reverse_kl = gradient(opsd.opsd_token_fn(weight, temperature=1.1, beta=1.0))
-    torch.testing.assert_close(gradient(idea.opsd_token_fn(weight, temperature=1.1, mixture_weight=1.0)), reverse_kl, atol=1e-12, rtol=0)
-    halfway = gradient(idea.opsd_token_fn(weight, temperature=1.1, mixture_weight=0.5))
+    reverse_kl = gradient(opsd, beta=1.0)
+    torch.testing.assert_close(gradient(idea, mixture_weight=1.0), reverse_kl, atol=1e-12, rtol=0)
+    halfway = gradient(idea, mixture_weight=0.5)
     assert (halfway - reverse_kl).abs().max() > 1e-3  # w < 1 is a different target
 
 
@@ -85,3 +87,14 @@ def test_reference_only_correction_at_lambda_0_trains_bit_for_bit_as_opsd(world,
     assert vanilla.keys() == zero.keys() and all(torch.equal(vanilla[k], zero[k]) for k in vanilla)
     corrected = train(idea.main, world, tmp_path / "lambda1", "--reference-correction", "1")
     assert any(not torch.equal(vanilla[k], corrected[k]) for k in vanilla)  # and lambda > 0 does change the update
+
+
+def test_task_reward_at_weight_0_trains_bit_for_bit_as_opsd(world, tmp_path, monkeypatch):
+    # a random tiny model answers nothing right: a reward it earns half the time (an even-length completion)
+    monkeypatch.setattr(prompts, "grade", lambda completion, gold, timeout=5.0: len(completion) % 2 == 0)
+    idea = load_idea("task_reward", tmp_path / "code")
+    vanilla = train(opsd.main, world, tmp_path / "opsd")
+    zero = train(idea.main, world, tmp_path / "w0", "--reward-weight", "0")  # the term is there, and weighs 0
+    assert vanilla.keys() == zero.keys() and all(torch.equal(vanilla[k], zero[k]) for k in vanilla)
+    rewarded = train(idea.main, world, tmp_path / "w1", "--reward-weight", "1")
+    assert any(not torch.equal(vanilla[k], rewarded[k]) for k in vanilla)

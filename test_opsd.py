@@ -1,32 +1,34 @@
-"""The specification of opsd.py: the loss against float64 references, padding, the fixed teacher, learning,
-data parallelism, resume, the NaN stop and the command line. CPU only, tiny models built here.
+"""The specification of opsd.py: the loss against float64 references (eager and compiled), the chunk loop's backward
+through the model, padding, sampling with per-request seeds, the teacher's weights, learning, data parallelism,
+resume, the step's diagnostics and rollouts file, bf16, and the command line. CPU only, tiny models built here.
 
   python -m pytest -q test_opsd.py
 """
 import json
 import math
 import os
-from contextlib import nullcontext
 import subprocess
 import sys
 import textwrap
+from contextlib import nullcontext
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import common
-import lm
 import opsd
+import plumbing
 import prompts
 import toy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CPU = torch.device("cpu")
+ENV = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 
 # -----------------------------------------------------------------------------
-# 0. fixtures: a tiny Qwen3 (hidden 32, 2 layers) and 32 toy problems, built once per session. The init is
-# wider than the default 0.02 so the logits are O(1): with near-uniform softmaxes every divergence is ~1e-5
-# and a test of "the loss went down" or "the weights changed" could pass by rounding.
+# 0. fixtures: a tiny Qwen3 (hidden 32, 2 layers) and 32 toy problems, built once per session. The init is wider
+# than the default 0.02 so the logits are O(1): with near-uniform softmaxes every divergence is ~1e-5 and a test of
+# "the loss went down" or "the weights changed" could pass by rounding.
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +39,7 @@ def world(tmp_path_factory):
 def run_args(world, out_dir, *extra):
     """argv for a short opsd.main run on the tiny model (high lr, so a few steps visibly move the adapter)."""
     return ["--model", world["model"], "--data", world["data"], "--batch-size", "4", "--micro-batch-size", "2",
-            "--max-new-tokens", "16", "--lora-r", "8", "--lora-alpha", "16", "--lr", "1e-2",
+            "--max-new-tokens", "16", "--lora-r", "8", "--lora-alpha", "16", "--lr", "1e-2", "--no-compile",
             "--out-dir", str(out_dir), *extra]
 
 
@@ -45,23 +47,22 @@ TEMPERATURE = 1.1  # opsd.py's default: not 1, so the scaling of both logits is 
 LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
-def token_fn(teacher_weight, **options):
-    return opsd.opsd_token_fn(teacher_weight, temperature=options.pop("temperature", TEMPERATURE), **options)
+def token_loss(temperature=TEMPERATURE, **options):
+    return lambda s, t, y: opsd.opsd_token_loss(s, t, y, temperature=temperature, **options)
 
 
-def load_lora_model(world):
-    return lm.load_model(world["model"], torch.device("cpu"), lora=LORA)
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def capture_run(monkeypatch):
-    """Patch common.setup_run so a test can reach the model and the initial trainable weights of opsd.main's run."""
-    captured, real = {}, common.setup_run
+    """Patch plumbing.Run.restore so a test can reach opsd.main's model and its initial trainable weights."""
+    captured, real = {}, plumbing.Run.restore
 
-    def setup_run(args, *rest, **kwargs):
-        run = real(args, *rest, **kwargs)
-        captured["args"], captured["run"], captured["initial"] = args, run, [p.detach().clone() for p in run.params]
-        return run
-    monkeypatch.setattr(common, "setup_run", setup_run)
+    def restore(run, model, *args, **kwargs):
+        captured.update(run=run, model=model, initial=[p.detach().clone() for p in trainable(model)])
+        return real(run, model, *args, **kwargs)
+    monkeypatch.setattr(plumbing.Run, "restore", restore)
     return captured
 
 
@@ -69,13 +70,17 @@ def adapter_weights(checkpoint):
     from safetensors.torch import load_file
     return load_file(os.path.join(checkpoint, "adapter_model.safetensors"))
 
+
+def log(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
+
 # -----------------------------------------------------------------------------
 # 1. the loss against naive float64 references: full logits, the divergences written out from p and m
 
 
 def reference_jsd(student_logits, teacher_logits, beta):
-    """JSD_beta(p_T || p_S) per row from explicit probabilities: beta=0 forward KL, beta=1 reverse KL,
-    else beta KL(p_T || m) + (1 - beta) KL(p_S || m), m = beta p_T + (1 - beta) p_S."""
+    """JSD_beta(p_T || p_S) per row from explicit probabilities: beta=0 forward KL, beta=1 reverse KL, else
+    beta KL(p_T || m) + (1 - beta) KL(p_S || m), m = beta p_T + (1 - beta) p_S."""
     p_student, p_teacher = student_logits.softmax(-1), teacher_logits.softmax(-1)
     if beta == 0:
         return (p_teacher * (p_teacher.log() - p_student.log())).sum(-1)
@@ -86,38 +91,36 @@ def reference_jsd(student_logits, teacher_logits, beta):
             + (1 - beta) * (p_student * (p_student.log() - m.log())).sum(-1))
 
 
-def loss_problem(n=37, hidden=16, vocab=50, seed=0):
+def loss_problem(n=37, hidden=16, vocab=50, seed=0, dtype=torch.float32):
     generator = torch.Generator().manual_seed(seed)
-    return dict(student_hidden=torch.randn(n, hidden, generator=generator),
-                teacher_hidden=torch.randn(n, hidden, generator=generator),
-                weight=torch.randn(vocab, hidden, generator=generator) * 0.5,
+    return dict(student_hidden=torch.randn(n, hidden, generator=generator, dtype=dtype),
+                teacher_hidden=torch.randn(n, hidden, generator=generator, dtype=dtype),
+                weight=torch.randn(vocab, hidden, generator=generator, dtype=dtype) * 0.5,
                 targets=torch.randint(vocab, (n,), generator=generator),
-                token_weights=torch.rand(n, generator=generator) + 0.1)  # non-uniform on purpose
+                token_weights=torch.rand(n, generator=generator, dtype=dtype) + 0.1)  # non-uniform on purpose
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("weight_grad", [False, True], ids=["lora", "full_finetune"])
 def test_chunked_jsd_matches_float64_reference(beta, weight_grad):
     problem = loss_problem()
-    temperature = TEMPERATURE
     # reference: all N x V logits at once, float64, autograd through the explicit formula
     hidden64 = problem["student_hidden"].double().requires_grad_()
     weight64 = problem["weight"].double().requires_grad_(weight_grad)
-    divergence64 = reference_jsd(hidden64 @ weight64.T / temperature,
-                                 problem["teacher_hidden"].double() @ problem["weight"].double().T / temperature, beta)
+    divergence64 = reference_jsd(hidden64 @ weight64.T / TEMPERATURE,
+                                 problem["teacher_hidden"].double() @ problem["weight"].double().T / TEMPERATURE, beta)
     loss64 = (divergence64 * problem["token_weights"].double()).sum()
     loss64.backward()
     assert loss64.item() > 1e-2  # not a trivially-zero case
+    loss_grad = opsd.loss_and_gradient(token_loss(beta=beta), compile=False)
     for chunk_size in [1, 5, 16, 37, 64]:  # 5 and 16 leave a ragged last chunk; 64 > N
         hidden = problem["student_hidden"].clone().requires_grad_()
         weight = problem["weight"].clone().requires_grad_(weight_grad)
-        stats = {}
-        # the teacher's head is a separate tensor without grad, as in opsd.main under full fine-tuning
-        loss = lm.chunked_loss(hidden, weight, problem["token_weights"], token_fn(problem["weight"].clone(), beta=beta),
-                               (problem["teacher_hidden"], problem["targets"]), chunk_size, stats)
-        loss.backward()
+        # the teacher's head is a separate tensor without grad, as in opsd.main
+        loss, out = opsd.chunked_loss_backward(hidden, problem["teacher_hidden"], weight, problem["weight"].clone(),
+                                               problem["targets"], problem["token_weights"], loss_grad, chunk_size)
         assert abs(loss.item() - loss64.item()) < 1e-5, chunk_size
-        assert abs(stats["divergence"] - loss64.item()) < 1e-5, chunk_size
+        assert abs((out["divergence"] * problem["token_weights"]).sum().item() - loss64.item()) < 1e-5, chunk_size
         assert (hidden.grad.double() - hidden64.grad).abs().max().item() < 1e-5, chunk_size
         if weight_grad:
             assert (weight.grad.double() - weight64.grad).abs().max().item() < 1e-5, chunk_size
@@ -125,17 +128,49 @@ def test_chunked_jsd_matches_float64_reference(beta, weight_grad):
             assert weight.grad is None
 
 
-def test_chunked_loss_scales_gradient_by_upstream():
-    # backward multiplies the stored gradient by the incoming one: 3 * loss has 3x the gradient
-    problem = loss_problem(seed=1)
-    grads = []
-    for factor in [1.0, 3.0]:
-        hidden = problem["student_hidden"].clone().requires_grad_()
-        loss = lm.chunked_loss(hidden, problem["weight"], problem["token_weights"], token_fn(problem["weight"], beta=0.5),
-                               (problem["teacher_hidden"], problem["targets"]), 8)
-        (factor * loss).backward()
-        grads.append(hidden.grad)
-    torch.testing.assert_close(grads[1], 3 * grads[0])
+def test_the_chunk_loop_backpropagates_through_the_model_as_the_full_loss_does(world):
+    """The chunks' gradients w.r.t. the hidden states go back through the model in one backward: every LoRA gradient
+    equals that of the naive loss (all logits at once, one loss.backward()), in float64."""
+    model, tokenizer = opsd.load_model(world["model"], CPU, lora=LORA)
+    model.double()
+    with torch.no_grad():
+        for p in trainable(model):
+            p.normal_(0, 0.1)
+    records = toy.make_records("train", 3, 5)
+    batch = opsd.build_batch([prompts.student_prompt_ids(tokenizer, r["problem"]) for r in records],
+                             [[40, 41, 42], [50] * 7, [60, 61]], tokenizer.pad_token_id, CPU)
+    head = opsd.lm_parts(model)[1]
+    with torch.no_grad(), model.disable_adapter():
+        teacher_hidden = opsd.completion_hidden(model, batch)
+    weights = torch.rand(len(batch["targets"]), dtype=torch.float64)
+    naive = (reference_jsd(opsd.completion_hidden(model, batch) @ head.T, teacher_hidden @ head.T, 0.5) * weights).sum()
+    naive.backward()
+    expected = [p.grad.clone() for p in trainable(model)]
+    model.zero_grad()
+    loss, _ = opsd.chunked_loss_backward(opsd.completion_hidden(model, batch), teacher_hidden, head, head.detach(),
+                                         batch["targets"], weights, opsd.loss_and_gradient(token_loss(beta=0.5, temperature=1.0),
+                                                                                           compile=False), chunk_size=4)
+    assert abs(loss.item() - naive.item()) < 1e-12
+    assert max((p.grad - g).abs().max().item() for p, g in zip(trainable(model), expected)) < 1e-12
+    assert max(g.abs().max().item() for g in expected) > 1e-4
+
+
+def test_compiled_loss_equals_eager_within_1e_6_relative():
+    """torch.compile of the per-token loss and its gradient (fused passes over the chunk's logits): the same values and
+    gradients as eager in fp32, within 1e-6 relative (the 2-norm of the difference over the 2-norm of eager's: an
+    element-wise ratio is meaningless where a gradient entry is ~0), for the JSD, with the entry clip, and for the
+    sampled-token loss with vOPD."""
+    problem = loss_problem(n=24, hidden=32, vocab=300, seed=13)
+    student, teacher = problem["student_hidden"] @ problem["weight"].T, problem["teacher_hidden"] @ problem["weight"].T
+    for options in [dict(beta=0.5), dict(beta=0.0, entry_clip=0.05), dict(loss="sampled", baseline="vopd")]:
+        results = [opsd.loss_and_gradient(token_loss(**dict(options)), compile=c)(student, teacher, problem["targets"],
+                                                                                 problem["token_weights"])
+                   for c in (False, True)]
+        (eager_grad, (eager_loss, eager_out)), (grad, (loss, out)) = results
+        assert abs(loss.item() - eager_loss.item()) <= 1e-6 * abs(eager_loss.item()), options
+        assert (grad - eager_grad).norm() <= 1e-6 * eager_grad.norm(), options  # relative, in the 2-norm
+        for key in eager_out:
+            assert (out[key] - eager_out[key]).norm() <= 1e-6 * eager_out[key].norm(), (options, key)
 
 # -----------------------------------------------------------------------------
 # 2. generalized_jsd itself
@@ -143,7 +178,8 @@ def test_chunked_loss_scales_gradient_by_upstream():
 
 def test_generalized_jsd_is_nonnegative_and_zero_on_identical_inputs():
     generator = torch.Generator().manual_seed(2)
-    student, teacher = torch.randn(200, 30, generator=generator) * 3, torch.randn(200, 30, generator=generator) * 3
+    student = (torch.randn(200, 30, generator=generator) * 3).log_softmax(-1)
+    teacher = (torch.randn(200, 30, generator=generator) * 3).log_softmax(-1)
     for beta in [0.0, 0.1, 0.5, 0.9, 1.0]:
         divergence = opsd.generalized_jsd(student, teacher, beta)
         assert divergence.shape == (200,)
@@ -159,29 +195,34 @@ def test_generalized_jsd_endpoints_are_forward_and_reverse_kl():
     forward_kl = (p_teacher * (p_teacher / p_student).log()).sum(-1)  # KL(p_T || p_S)
     reverse_kl = (p_student * (p_student / p_teacher).log()).sum(-1)  # KL(p_S || p_T)
     assert (forward_kl - reverse_kl).abs().max() > 0.1  # the two differ, so swapping them would fail
-    torch.testing.assert_close(opsd.generalized_jsd(student, teacher, 0.0).double(), forward_kl, atol=1e-5, rtol=0)
-    torch.testing.assert_close(opsd.generalized_jsd(student, teacher, 1.0).double(), reverse_kl, atol=1e-5, rtol=0)
-    torch.testing.assert_close(opsd.generalized_jsd(student, teacher, 0.3).double(),
+    logp = lambda x: x.log_softmax(-1)  # noqa: E731
+    torch.testing.assert_close(opsd.generalized_jsd(logp(student), logp(teacher), 0.0).double(), forward_kl, atol=1e-5, rtol=0)
+    torch.testing.assert_close(opsd.generalized_jsd(logp(student), logp(teacher), 1.0).double(), reverse_kl, atol=1e-5, rtol=0)
+    torch.testing.assert_close(opsd.generalized_jsd(logp(student), logp(teacher), 0.3).double(),
                                reference_jsd(student.double(), teacher.double(), 0.3), atol=1e-5, rtol=0)
 
 # -----------------------------------------------------------------------------
-# 3. the sampled-token loss, --clip, --top-k
+# 3. the sampled-token loss, the clips, top-k
+
+
+def logits_of(problem):
+    return problem["student_hidden"] @ problem["weight"].T, problem["teacher_hidden"] @ problem["weight"].T
 
 
 def test_sampled_loss_gradient_is_advantage_times_score():
     problem = loss_problem(n=12, seed=4)
-    temperature = TEMPERATURE
-    student_logits = (problem["student_hidden"] @ problem["weight"].T).requires_grad_()
-    out = token_fn(problem["weight"], loss="sampled")(student_logits, problem["teacher_hidden"], problem["targets"])
+    student_logits, teacher_logits = logits_of(problem)
+    student_logits.requires_grad_()
+    out = token_loss(loss="sampled")(student_logits, teacher_logits, problem["targets"])
     out["loss"].sum().backward()
     # d/dz [-A log softmax(z / t)_y] = -A (onehot(y) - p_S) / t, with A = log p_T(y) - log p_S(y) held fixed
     with torch.no_grad():
-        logp_student = (student_logits / temperature).log_softmax(-1)
-        logp_teacher = (problem["teacher_hidden"] @ problem["weight"].T / temperature).log_softmax(-1)
+        logp_student = (student_logits / TEMPERATURE).log_softmax(-1)
+        logp_teacher = (teacher_logits / TEMPERATURE).log_softmax(-1)
         rows = torch.arange(12)
         advantage = logp_teacher[rows, problem["targets"]] - logp_student[rows, problem["targets"]]
         onehot = F.one_hot(problem["targets"], student_logits.shape[1]).float()
-        expected = -advantage[:, None] * (onehot - logp_student.exp()) / temperature
+        expected = -advantage[:, None] * (onehot - logp_student.exp()) / TEMPERATURE
     assert advantage.abs().min() > 1e-3
     torch.testing.assert_close(student_logits.grad, expected, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out["divergence"], -advantage)
@@ -189,11 +230,11 @@ def test_sampled_loss_gradient_is_advantage_times_score():
 
 def test_token_clip_caps_the_summed_divergence():
     problem = loss_problem(n=20, seed=5)
-    student_logits = problem["student_hidden"] @ problem["weight"].T
+    student_logits, teacher_logits = logits_of(problem)
 
     def per_token_grads(**options):
         logits = student_logits.clone().requires_grad_()
-        out = token_fn(problem["weight"], **options)(logits, problem["teacher_hidden"], problem["targets"])
+        out = token_loss(**options)(logits, teacher_logits, problem["targets"])
         grads = [torch.autograd.grad(out["loss"][i], logits, retain_graph=True)[0][i] for i in range(len(logits))]
         return out, torch.stack(grads)
     free, free_grads = per_token_grads(beta=0.5)
@@ -203,6 +244,7 @@ def test_token_clip_caps_the_summed_divergence():
     assert 0 < above.sum() < len(above)
     torch.testing.assert_close(clipped["loss"], free["divergence"].clamp(max=cap))
     torch.testing.assert_close(clipped["divergence"], free["divergence"])  # the log still shows the real divergence
+    assert torch.equal(clipped["token_clipped"], above.float())  # the share the step log reports
     assert clipped_grads[above].abs().max() == 0
     torch.testing.assert_close(clipped_grads[~above], free_grads[~above])
     assert free_grads[above].abs().max() > 0
@@ -210,24 +252,87 @@ def test_token_clip_caps_the_summed_divergence():
 
 def test_top_k_restricts_to_teacher_top_k_renormalised():
     problem = loss_problem(n=20, seed=6)
-    temperature = TEMPERATURE
-    student_logits = (problem["student_hidden"] @ problem["weight"].T).requires_grad_()
-    out = token_fn(problem["weight"], beta=0.5, loss_top_k=5)(student_logits, problem["teacher_hidden"], problem["targets"])
+    student_logits, teacher_logits = logits_of(problem)
+    student_logits.requires_grad_()
+    out = token_loss(beta=0.5, loss_top_k=5)(student_logits, teacher_logits, problem["targets"])
     out["loss"].sum().backward()
     # direct: keep the 5 columns where the teacher is highest, renormalise both, JSD on 5 entries
-    logits64 = student_logits.detach().double().requires_grad_()
-    teacher64 = problem["teacher_hidden"].double() @ problem["weight"].double().T
+    logits64, teacher64 = student_logits.detach().double().requires_grad_(), teacher_logits.double()
     top = teacher64.topk(5, dim=-1).indices
-    expected = reference_jsd(logits64.gather(-1, top) / temperature, teacher64.gather(-1, top) / temperature, 0.5)
+    expected = reference_jsd(logits64.gather(-1, top) / TEMPERATURE, teacher64.gather(-1, top) / TEMPERATURE, 0.5)
     expected.sum().backward()
     torch.testing.assert_close(out["loss"].double(), expected.detach(), atol=1e-6, rtol=0)
     torch.testing.assert_close(student_logits.grad.double(), logits64.grad, atol=1e-6, rtol=0)
     assert (student_logits.grad != 0).sum(-1).max() == 5  # no gradient outside the teacher's top 5
-    full = token_fn(problem["weight"], beta=0.5)(student_logits.detach(), problem["teacher_hidden"], problem["targets"])
+    full = token_loss(beta=0.5)(student_logits.detach(), teacher_logits, problem["targets"])
     assert (full["loss"] - out["loss"].detach()).abs().max() > 1e-3  # top-k really changed something
 
+
+def test_entry_clip_caps_each_vocabulary_term_and_can_push_the_teachers_favourite_down():
+    """The official --jsd_token_clip, on 4 tokens: the teacher prefers token 0 (0.7 against the student's 0.1), so its
+    forward-KL term 0.7 ln 7 = 1.36 is capped at 0.05. Its gradient then comes only through the softmax normaliser,
+    and gradient descent *lowers* the token the teacher prefers; the loss itself is negative."""
+    p_teacher = torch.tensor([0.7, 0.1, 0.1, 0.1], dtype=torch.float64)
+    p_student = torch.tensor([0.1, 0.3, 0.3, 0.3], dtype=torch.float64)
+    student_logits = p_student.log().requires_grad_()
+    clipped = opsd.generalized_jsd(student_logits.log_softmax(-1), p_teacher.log(), 0.0, entry_clip=0.05)
+    clipped.backward()
+    terms = p_teacher * (p_teacher.log() - p_student.log())  # [1.36, -0.11, -0.11, -0.11]
+    assert clipped.item() == pytest.approx(0.05 + terms[1:].sum().item(), abs=1e-12) and clipped.item() < 0
+    # d/dz_0 of the unclipped terms alone: p_S(0) * sum_{u unclipped} p_T(u) = 0.1 * 0.3, positive: z_0 goes down
+    assert student_logits.grad[0].item() == pytest.approx(0.1 * 0.3, abs=1e-12)
+    free = p_student.log().requires_grad_()
+    opsd.generalized_jsd(free.log_softmax(-1), p_teacher.log(), 0.0).backward()
+    assert free.grad[0].item() == pytest.approx(0.1 - 0.7, abs=1e-12)  # without the clip: p_S - p_T < 0, z_0 goes up
+    # the loss's --entry-clip path is this function, and the step log's share of clipped entries counts the cap
+    problem = loss_problem(n=6, seed=9)
+    student_logits, teacher_logits = logits_of(problem)
+    out = token_loss(beta=0.0, entry_clip=0.05)(student_logits, teacher_logits, problem["targets"])
+    logp = lambda x: (x / TEMPERATURE).log_softmax(-1)  # noqa: E731
+    torch.testing.assert_close(out["loss"], opsd.generalized_jsd(logp(student_logits), logp(teacher_logits), 0.0, 0.05))
+    terms = logp(teacher_logits).exp() * (logp(teacher_logits) - logp(student_logits))
+    torch.testing.assert_close(out["entry_clipped"], (terms > 0.05).float().mean(-1))
+    assert 0 < out["entry_clipped"].mean() < 1
+
+
+def test_vopd_baseline_leaves_the_expected_gradient_unchanged():
+    """E_{y ~ p_S}[grad(-A(y) log p_S(y))] by exact enumeration over a 7-token vocabulary: with A = log p_T - log p_S and
+    with the vOPD baseline A + KL(p_S || p_T) (a constant per position), the expectation is the same."""
+    generator = torch.Generator().manual_seed(11)
+    vocab = 7
+    z = torch.randn(vocab, generator=generator, dtype=torch.float64) * 2
+    teacher_logits = torch.randn(vocab, generator=generator, dtype=torch.float64).expand(vocab, vocab)  # one position
+    p_student = z.softmax(-1)
+
+    def expected_gradient(baseline):
+        leaf = z.clone().requires_grad_()
+        out = token_loss(temperature=1.0, loss="sampled", baseline=baseline)(leaf.expand(vocab, vocab), teacher_logits,
+                                                                             torch.arange(vocab))
+        (out["loss"] * p_student).sum().backward()
+        return leaf.grad, out["loss"].detach()
+    plain, plain_losses = expected_gradient("none")
+    vopd, vopd_losses = expected_gradient("vopd")
+    torch.testing.assert_close(vopd, plain, atol=1e-12, rtol=0)
+    assert (vopd_losses - plain_losses).abs().max() > 1e-3  # the per-sample losses (and gradients) do differ
+    assert plain.abs().max() > 1e-3
+
+
+def test_diagnostics_are_the_students_entropy_argmax_agreement_and_sampled_logp():
+    problem = loss_problem(n=10, seed=12)
+    problem["teacher_hidden"] = problem["student_hidden"] + 0.7 * problem["teacher_hidden"]  # close: they agree sometimes
+    student_logits, teacher_logits = logits_of(problem)
+    out = token_loss(beta=0.5)(student_logits, teacher_logits, problem["targets"])
+    p = (student_logits / TEMPERATURE).double().softmax(-1)
+    torch.testing.assert_close(out["entropy"].double(), -(p * p.log()).sum(-1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out["logp"].double(), p.log()[torch.arange(10), problem["targets"]], atol=1e-6, rtol=0)
+    agree = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float()
+    assert torch.equal(out["agreement"], agree)
+    assert 0 < agree.sum() < 10  # both cases occur, so a constant would fail
+    assert [m.lower() for m in opsd.EPISTEMIC.findall("Wait, hmm... but maybe 3. Let me check: butter is waiting; PERHAPS.")] == \
+        ["wait", "hmm", "but", "maybe", "let me check", "perhaps"]
+
 # -----------------------------------------------------------------------------
-# 4. sequences: left padding, rows, lengths
+# 4. sequences: left padding, rows, lengths; and sampling with one seed per request
 
 
 def test_build_batch_layout_and_length_masking(world):
@@ -237,7 +342,7 @@ def test_build_batch_layout_and_length_masking(world):
     prompt_ids = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]
     # completions ending in the pad id and in EOS, one with a pad id inside: all counted by length, not by id
     completions = [[20, 21, pad], [22, eos], [pad, 23, 24, 25, pad]]
-    batch = lm.build_batch(prompt_ids, completions, pad, torch.device("cpu"))
+    batch = opsd.build_batch(prompt_ids, completions, pad, CPU)
     width = max(len(p) + len(c) for p, c in zip(prompt_ids, completions))
     assert batch["input_ids"].shape == (3, width)
     assert batch["lengths"].tolist() == [3, 2, 5]
@@ -254,12 +359,10 @@ def test_build_batch_layout_and_length_masking(world):
         rows = batch["row_pos"][batch["row_batch"] == b]
         assert (batch["input_ids"][b, rows + 1]).tolist() == completion
         assert rows.tolist() == list(range(width - len(completion) - 1, width - 1))
-    weights = lm.sequence_mean_weights(batch["lengths"], 3)
-    assert torch.allclose(weights, torch.tensor([1 / 9] * 3 + [1 / 6] * 2 + [1 / 15] * 5))
 
 
 def test_padded_batch_scores_equal_unpadded(world):
-    model, tokenizer = load_lora_model(world)
+    model, tokenizer = opsd.load_model(world["model"], CPU, lora=LORA)
     torch.manual_seed(7)
     with torch.no_grad():  # a non-zero adapter, so student (adapter on) and teacher (adapter off) differ
         for name, p in model.named_parameters():
@@ -272,12 +375,12 @@ def test_padded_batch_scores_equal_unpadded(world):
     assert len({len(p) for p in student_prompts}) > 1 and len({len(p) for p in teacher_prompts}) > 1
     eos = prompts.stop_token_ids(tokenizer)[0]
     completions = [[40, 41, 42, 43, eos], [50, 51, 52, tokenizer.pad_token_id], [60] * 9 + [eos]]
-    body, weight = lm.lm_parts(model)
+    body, weight = opsd.lm_parts(model)
     for prompt_ids, adapter in [(student_prompts, True), (teacher_prompts, False)]:
         # pad with the EOS id, as for a tokenizer whose pad is its EOS: masking must be by length
-        batch = lm.build_batch(prompt_ids, completions, eos, torch.device("cpu"))
+        batch = opsd.build_batch(prompt_ids, completions, eos, CPU)
         with torch.no_grad(), (nullcontext() if adapter else model.disable_adapter()):
-            logp_padded = (lm.completion_hidden(model, batch) @ weight.T).log_softmax(-1)  # (N, V)
+            logp_padded = (opsd.completion_hidden(model, batch) @ weight.T).log_softmax(-1)  # (N, V)
             alone = []
             for prompt, completion in zip(prompt_ids, completions):
                 ids = torch.tensor([prompt + completion])
@@ -286,28 +389,63 @@ def test_padded_batch_scores_equal_unpadded(world):
             logp_alone = (torch.cat(alone) @ weight.T).log_softmax(-1)
         assert logp_padded.shape == (sum(map(len, completions)), weight.shape[0])
         assert (logp_padded - logp_alone).abs().max().item() < 1e-5, "student" if adapter else "teacher"
-    # and the adapter really makes the two scorers differ (so the loop above compared two different models)
-    batch = lm.build_batch(student_prompts, completions, eos, torch.device("cpu"))
-    with torch.no_grad():
-        on = lm.completion_hidden(model, batch)
+    batch = opsd.build_batch(student_prompts, completions, eos, CPU)
+    with torch.no_grad():  # and the adapter really makes the two scorers differ
+        on = opsd.completion_hidden(model, batch)
         with model.disable_adapter():
-            off = lm.completion_hidden(model, batch)
+            off = opsd.completion_hidden(model, batch)
     assert (on - off).abs().max() > 1e-2
 
+
+def hf_sampler(world, model=None):
+    model = model or opsd.load_model(world["model"], CPU)[0].eval()
+    return opsd.HFSampler(model, world["tokenizer"], opsd.stop_token_ids(world["tokenizer"], world["model"]), batch_size=4)
+
+
+def test_hf_samples_depend_only_on_their_seed_not_on_the_batch(world):
+    """A request's samples are the same alone, in another batch, or after other calls: what eval --resume needs."""
+    sampler, tokenizer = hf_sampler(world), world["tokenizer"]
+    problems = [prompts.student_prompt_ids(tokenizer, r["problem"]) for r in prompts.load_records(world["data"])[:6]]
+    sampling = dict(max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=20)
+    together = sampler.generate(problems, 2, sampling, seeds=list(range(100, 106)))  # batches of 4 rows
+    alone = [sampler.generate([p], 2, sampling, seeds=[100 + i])[0] for i, p in reversed(list(enumerate(problems)))][::-1]
+    assert [[s.ids for s in group] for group in together] == [[s.ids for s in group] for group in alone]
+    assert len({tuple(s.ids) for group in together for s in group}) == 12  # every sample differs
+    other = sampler.generate(problems[:1], 2, sampling, seeds=[7])[0]
+    assert [s.ids for s in other] != [s.ids for s in together[0]]  # the seed matters
+    for group in together:  # log-probs of the sampling distribution: negative, finite, one per token
+        assert all(len(s.logprobs) == len(s.ids) and all(-30 < lp <= 0 for lp in s.logprobs) for s in group)
+
+
+def test_hf_seeded_sampling_draws_from_the_warped_distribution(world):
+    """The first token's frequency over 4,000 seeds against softmax(logits / T) restricted to the top-k, exactly."""
+    model = opsd.load_model(world["model"], CPU)[0].eval()
+    sampler = opsd.HFSampler(model, world["tokenizer"], [10**6], batch_size=1000)  # no stop: every row runs
+    prompt = prompts.student_prompt_ids(world["tokenizer"], "What is 123*4?")
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt])).logits[0, -1] / 0.7
+    top = logits.topk(5).indices
+    expected = torch.zeros_like(logits).index_put_((top,), logits[top].softmax(-1))
+    first = [s[0].ids[0] for s in sampler.generate([prompt] * 4000, 1, dict(max_new_tokens=1, temperature=0.7, top_p=1.0,
+                                                                              top_k=5), seeds=list(range(4000)))]
+    frequency = torch.bincount(torch.tensor(first), minlength=len(logits)).float() / 4000
+    assert set(first) <= set(top.tolist())
+    assert (frequency - expected).abs().max() < 0.03  # 3.3 sigma of a binomial at p = 0.5, n = 4,000
+
 # -----------------------------------------------------------------------------
-# 5. training: the fixed teacher never moves, a few steps lower the divergence
+# 5. the teacher's weights: the fixed teacher never moves; live, EMA and full fine-tuning swap in and back
 
 
 def test_fixed_teacher_is_bit_identical_after_training(world, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
     captured = capture_run(monkeypatch)
     opsd.main(run_args(world, tmp_path / "run", "--max-steps", "3", "--save-every", "10"))
-    model = captured["run"].model
+    model = captured["model"]
     initial = AutoModelForCausalLM.from_pretrained(world["model"])
     ids = torch.tensor([prompts.student_prompt_ids(world["tokenizer"], "What is 123*4?")])
     model.eval()
     with torch.no_grad():
-        with opsd.teacher_weights(model, captured["args"].teacher_weights, False, None):  # the loop's own way to get the teacher
+        with opsd.as_teacher(model, "fixed", None):  # the loop's own way to get the teacher
             teacher_logits = model(input_ids=ids).logits
         student_logits = model(input_ids=ids).logits
         initial_logits = initial(input_ids=ids).logits
@@ -317,30 +455,30 @@ def test_fixed_teacher_is_bit_identical_after_training(world, tmp_path, monkeypa
     assert base.keys() == initial.state_dict().keys()
     for name, value in initial.state_dict().items():
         assert torch.equal(base[name], value), name
-    changed = [not torch.equal(a, p.detach()) for a, p in zip(captured["initial"], captured["run"].params)]
+    changed = [not torch.equal(a, p.detach()) for a, p in zip(captured["initial"], trainable(model))]
     assert all(changed)  # with a high lr every LoRA matrix moved (lora_A too, once lora_B is non-zero)
     assert (student_logits - teacher_logits).abs().max() > 1e-3
 
 
 def test_teacher_modes_live_ema_and_full_finetune_swap_in_and_back(world):
-    model, tokenizer = load_lora_model(world)
-    params = lm.trainable_parameters(model)
+    model, tokenizer = opsd.load_model(world["model"], CPU, lora=LORA)
+    params = trainable(model)
     with torch.no_grad():
         for p in params:  # a trained adapter: every LoRA matrix non-zero
             p.normal_(0, 0.5)
     ids = torch.tensor([prompts.student_prompt_ids(tokenizer, "What is 123*4?")])
     model.eval()
-    logits = lambda: model(input_ids=ids).logits
+    logits = lambda: model(input_ids=ids).logits  # noqa: E731
     with torch.no_grad():
         student = logits()
         with model.disable_adapter():
             base = logits()
-        with opsd.teacher_weights(model, "live", False, None):
+        with opsd.as_teacher(model, "live", None):
             live = logits()
         # EMA: the copy's weights are used inside the context, and the trained ones are back, exactly, after
         ema_copy = [torch.zeros_like(p) for p in params]  # zero LoRA weights = the base model
         before = [p.detach().clone() for p in params]
-        with opsd.teacher_weights(model, "ema", False, ema_copy):
+        with opsd.as_teacher(model, "ema", ema_copy):
             ema = logits()
         after = [p.detach().clone() for p in params]
     assert torch.equal(live, student) and not torch.allclose(student, base)
@@ -348,73 +486,102 @@ def test_teacher_modes_live_ema_and_full_finetune_swap_in_and_back(world):
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert all(torch.count_nonzero(c) == 0 for c in ema_copy)  # the copy is swapped back too
     # full fine-tuning with a fixed teacher: the frozen initial copy is swapped in the same way
-    full = lm.load_model(world["model"], torch.device("cpu"))[0]
+    full = opsd.load_model(world["model"], CPU)[0]
     full.eval()
-    initial = [p.detach().clone() for p in lm.trainable_parameters(full)]
+    initial = [p.detach().clone() for p in trainable(full)]
     with torch.no_grad():
         initial_logits = full(input_ids=ids).logits
-        for p in lm.trainable_parameters(full):
+        for p in trainable(full):
             p.add_(0.1)
-        with opsd.teacher_weights(full, "fixed", True, initial):
+        with opsd.as_teacher(full, "fixed", initial):
             teacher_logits = full(input_ids=ids).logits
     assert torch.equal(teacher_logits, initial_logits)
 
 
+def test_the_ema_teacher_moves_by_one_minus_decay_per_step(world, tmp_path, monkeypatch):
+    """copy <- decay copy + (1 - decay) p after each update: checked against the saved adapter and copy, step by step."""
+    captured = capture_run(monkeypatch)
+    out = tmp_path / "run"
+    opsd.main(run_args(world, out, "--max-steps", "2", "--save-every", "1", "--keep", "5", "--teacher-weights", "ema",
+                       "--ema-decay", "0.75"))
+    states = [torch.load(out / f"checkpoint-00000{s}" / "trainer_state.pt", weights_only=False) for s in (1, 2)]
+    after = [trainable(captured["model"])]  # the weights after step 2
+    copy = captured["initial"]
+    for state in states:
+        assert len(state["teacher_copy"]) == len(copy)
+    # step 1: copy1 = 0.75 initial + 0.25 p1; step 2: copy2 = 0.75 copy1 + 0.25 p2
+    p2 = [p.detach() for p in after[0]]
+    for c1, c2, p in zip(states[0]["teacher_copy"], states[1]["teacher_copy"], p2):
+        torch.testing.assert_close(c2, 0.75 * c1 + 0.25 * p, atol=1e-7, rtol=0)
+    moved = [not torch.equal(a, b) for a, b in zip(states[0]["teacher_copy"], copy)]
+    assert any(moved)
+
+# -----------------------------------------------------------------------------
+# 6. learning, data parallelism
+
+
 def test_a_few_steps_lower_the_divergence(world):
-    model, tokenizer = load_lora_model(world)
+    model, tokenizer = opsd.load_model(world["model"], CPU, lora=LORA)
     records = toy.make_records("train", 4, 2)
     student_prompts = [prompts.student_prompt_ids(tokenizer, r["problem"]) for r in records]
     teacher_prompts = [prompts.teacher_prompt_ids(tokenizer, r) for r in records]
     generator = torch.Generator().manual_seed(8)
     rollouts = [torch.randint(3, len(tokenizer), (n,), generator=generator).tolist() for n in [6, 9, 12, 15]]
-    student_batch = lm.build_batch(student_prompts, rollouts, tokenizer.pad_token_id, torch.device("cpu"))
-    teacher_batch = lm.build_batch(teacher_prompts, rollouts, tokenizer.pad_token_id, torch.device("cpu"))
-    _, weight = lm.lm_parts(model)
+    student_batch = opsd.build_batch(student_prompts, rollouts, tokenizer.pad_token_id, CPU)
+    teacher_batch = opsd.build_batch(teacher_prompts, rollouts, tokenizer.pad_token_id, CPU)
+    head = opsd.lm_parts(model)[1]
     with torch.no_grad(), model.disable_adapter():
-        teacher_hidden = lm.completion_hidden(model, teacher_batch)  # fixed: computed once
-    token_weights = lm.sequence_mean_weights(student_batch["lengths"], 4)
-    optimizer = torch.optim.AdamW(lm.trainable_parameters(model), lr=1e-2)
+        teacher_hidden = opsd.completion_hidden(model, teacher_batch)  # fixed: computed once
+    weights = torch.cat([torch.full((n,), 1 / (4 * n)) for n in [6, 9, 12, 15]])
+    optimizer = torch.optim.AdamW(trainable(model), lr=1e-2)
+    loss_grad = opsd.loss_and_gradient(token_loss(beta=0.5), compile=False)
     losses = []
     for _ in range(6):
-        loss = lm.chunked_loss(lm.completion_hidden(model, student_batch), weight, token_weights, token_fn(weight.detach(), beta=0.5),
-                               (teacher_hidden, student_batch["targets"]), chunk_size=7)
-        loss.backward()
+        loss, _ = opsd.chunked_loss_backward(opsd.completion_hidden(model, student_batch), teacher_hidden, head,
+                                             head.detach(), student_batch["targets"], weights, loss_grad, chunk_size=7)
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[0] > 1e-2
     assert losses[-1] < 0.7 * losses[0], losses
 
-# -----------------------------------------------------------------------------
-# 6. data parallelism: torchrun, 2 CPU ranks (gloo), different problems per rank, identical weights after
+
+def test_ranks_take_disjoint_shares_of_the_global_batch_and_every_problem_once_an_epoch():
+    for world, batch_size in [(1, 4), (2, 4), (4, 8), (3, 6)]:
+        for step in range(5):
+            shares = [opsd.batch_indices(20, step, batch_size, 0, rank, world) for rank in range(world)]
+            assert all(len(s) == batch_size // world for s in shares)
+            flat = [i for s in shares for i in s]
+            assert len(set(flat)) == batch_size, (world, step)  # disjoint: no rank repeats another's problem
+    epoch = [i for step in range(5) for i in opsd.batch_indices(20, step, 4, 0, 0, 1)]
+    assert sorted(epoch) == list(range(20)) and epoch != list(range(20))  # a shuffled permutation
+    assert opsd.batch_indices(20, 0, 4, 1, 0, 1) != opsd.batch_indices(20, 0, 4, 0, 0, 1)  # the seed matters
 
 
 DDP_WRAPPER = textwrap.dedent("""
     import sys
     import torch
-    import common
     import opsd
-    captured, real = {}, common.setup_run
+    import plumbing
+    captured, real = {}, plumbing.Run.restore
     def trainable(model):  # PEFT's names, less the adapter name, are the keys of the saved adapter file
         return {name.replace(".default", ""): p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-    def setup_run(*args, **kwargs):
-        captured["run"] = run = real(*args, **kwargs)
-        captured["initial"] = trainable(run.model)
-        return run
-    common.setup_run = setup_run
+    def restore(run, model, *args, **kwargs):
+        captured.update(run=run, model=model, initial=trainable(model))
+        return real(run, model, *args, **kwargs)
+    plumbing.Run.restore = restore
     opsd.main(sys.argv[2:])
-    run = captured["run"]
-    torch.save({"initial": captured["initial"], "final": trainable(run.model)}, f"{sys.argv[1]}/rank{run.rank}.pt")
+    torch.save({"initial": captured["initial"], "final": trainable(captured["model"])},
+               f"{sys.argv[1]}/rank{captured['run'].rank}.pt")
 """)
 
 
 def test_two_ranks_end_with_identical_weights(world, tmp_path):
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(DDP_WRAPPER)
-    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(wrapper),
                str(tmp_path), *run_args(world, tmp_path / "run", "--max-steps", "2", "--save-every", "1")]
-    result = subprocess.run(command, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=HERE, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "2 ranks x 2" in result.stdout
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
@@ -426,9 +593,13 @@ def test_two_ranks_end_with_identical_weights(world, tmp_path):
         assert torch.equal(ranks[0]["final"][name], ranks[1]["final"][name]), name
         assert torch.equal(saved[name], ranks[1]["final"][name]), name
         assert not torch.equal(ranks[0]["final"][name], ranks[0]["initial"][name]), name
+    rows = [json.loads(line) for r in range(2) for line in open(tmp_path / "run" / f"rollouts.rank{r}.jsonl")] \
+        if os.path.exists(tmp_path / "run" / "rollouts.rank0.jsonl") else []
+    assert rows == []  # --save-rollouts-every 10 > 2 steps: no rows yet
+    assert [r["generated_tokens_total"] for r in log(tmp_path / "run")][-1] > 0
 
 # -----------------------------------------------------------------------------
-# 7. resume and the NaN stop
+# 7. resume and the non-finite stops
 
 
 class StopAfter(Exception):
@@ -437,25 +608,26 @@ class StopAfter(Exception):
 
 def stop_after_checkpoint(monkeypatch, at_step, action):
     """Run `action` right after opsd.main writes the checkpoint of step `at_step` (1-based)."""
-    real = common.save_checkpoint
+    real = plumbing.Run.save
 
-    def save_checkpoint(run, args, step, *rest, **kwargs):
-        path = real(run, args, step, *rest, **kwargs)
+    def save(run, step, *rest, **kwargs):
+        path = real(run, step, *rest, **kwargs)
         if step == at_step:
             action()
         return path
-    monkeypatch.setattr(common, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(plumbing.Run, "save", save)
 
 
-def test_resume_continues_exactly(world, tmp_path, monkeypatch):
-    opsd.main(run_args(world, tmp_path / "straight", "--max-steps", "4", "--save-every", "2"))
-    with monkeypatch.context() as patch:  # the same run, killed right after its step-2 checkpoint
-        stop_after_checkpoint(patch, 2, lambda: (_ for _ in ()).throw(StopAfter()))
+def test_resume_continues_exactly_and_the_rollouts_file_holds_each_step_once(world, tmp_path, monkeypatch):
+    argv = ["--max-steps", "4", "--save-every", "2", "--save-rollouts-every", "1"]
+    opsd.main(run_args(world, tmp_path / "straight", *argv))
+    with monkeypatch.context() as patch:  # the same run, killed right after its step-2 checkpoint... and after step 3
+        # eval_due comes after step 3's log and rollouts are written: a resume must cut both back to step 2
+        patch.setattr(plumbing.Run, "eval_due", lambda run, step, total: step == 2 and (_ for _ in ()).throw(StopAfter()))
         with pytest.raises(StopAfter):
-            opsd.main(run_args(world, tmp_path / "split", "--max-steps", "4", "--save-every", "2"))
+            opsd.main(run_args(world, tmp_path / "split", *argv))
     assert not (tmp_path / "split" / "checkpoint-000004").exists()
-    summary = opsd.main(run_args(world, tmp_path / "split", "--max-steps", "4", "--save-every", "2",
-                                 "--resume", str(tmp_path / "split")))
+    summary = opsd.main(run_args(world, tmp_path / "split", *argv, "--resume", str(tmp_path / "split")))
     assert summary["step"] == 4
     straight = adapter_weights(tmp_path / "straight" / "checkpoint-000004")
     split = adapter_weights(tmp_path / "split" / "checkpoint-000004")
@@ -464,134 +636,212 @@ def test_resume_continues_exactly(world, tmp_path, monkeypatch):
         assert torch.equal(straight[name], split[name]), name
     at_two = adapter_weights(tmp_path / "split" / "checkpoint-000002")
     assert any(not torch.equal(at_two[name], split[name]) for name in split)  # steps 3-4 did train
+    rows = lambda d: [json.loads(line) for line in open(tmp_path / d / "rollouts.jsonl")]  # noqa: E731
+    assert [r["step"] for r in rows("split")] == [s for s in (1, 2, 3, 4) for _ in range(4)]  # none lost, none twice
+    assert rows("split") == rows("straight")
+    row = rows("split")[0]
+    assert set(row) == {"step", "problem_id", "rollout", "correct", "length", "divergence", "top_tokens"}
+    assert len(row["top_tokens"]) == 5 and row["top_tokens"][0][1] == max(v for _, v in row["top_tokens"])
 
 
 def test_resume_from_an_earlier_checkpoint_logs_each_step_once(world, tmp_path):
     out = tmp_path / "run"
-    opsd.main(run_args(world, out, "--max-steps", "4", "--save-every", "2"))
-    first = [json.loads(line) for line in open(out / "log.jsonl")]
+    opsd.main(run_args(world, out, "--max-steps", "4", "--save-every", "2", "--keep", "3"))
+    first = log(out)
     with open(out / "log.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 0.')  # a line cut short by a crash
     opsd.main(run_args(world, out, "--max-steps", "4", "--save-every", "2", "--resume", str(out / "checkpoint-000002")))
-    again = [json.loads(line) for line in open(out / "log.jsonl")]
+    again = log(out)
     assert [r["step"] for r in first] == [r["step"] for r in again] == [1, 2, 3, 4]
     assert again[:2] == first[:2]
     assert [r["loss"] for r in again[2:]] == [r["loss"] for r in first[2:]]  # steps 3-4 re-run exactly
+    assert [r["generated_tokens_total"] for r in again] == [r["generated_tokens_total"] for r in first]
+    counts = [r["generated_tokens"] for r in first]
+    assert [r["generated_tokens_total"] for r in first] == [sum(counts[:i + 1]) for i in range(4)] and counts[0] > 0
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(world, tmp_path, monkeypatch):
     poisoned = {"on": False}
     stop_after_checkpoint(monkeypatch, 2, lambda: poisoned.update(on=True))
-    real_loss = lm.chunked_loss
-    monkeypatch.setattr(lm, "chunked_loss", lambda *a, **k: real_loss(*a, **k) * (math.nan if poisoned["on"] else 1.0))
+    real = opsd.chunked_loss_backward
+
+    def poison(*args, **kwargs):
+        loss, out = real(*args, **kwargs)
+        return loss * (math.nan if poisoned["on"] else 1.0), out
+    monkeypatch.setattr(opsd, "chunked_loss_backward", poison)
     out = tmp_path / "run"
     with pytest.raises(FloatingPointError, match=r"step 3\b"):
-        opsd.main(run_args(world, out, "--max-steps", "4", "--save-every", "2"))
+        opsd.main(run_args(world, out, "--max-steps", "4", "--save-every", "2", "--save-rollouts-every", "0"))
     assert sorted(os.listdir(out)) == [".lock", "checkpoint-000002", "latest", "log.jsonl"]
-    checkpoint = common.follow_latest(str(out))
+    checkpoint = plumbing.follow_latest(str(out))
     assert checkpoint.endswith("checkpoint-000002")
     assert torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)["step"] == 2
     assert all(torch.isfinite(v).all() for v in adapter_weights(checkpoint).values())
 
+
+def test_an_update_that_makes_the_weights_non_finite_stops_the_run(world, tmp_path, monkeypatch):
+    """A finite loss and gradient, and an update that leaves a weight non-finite (what --lr inf did: the run ended with
+    an all-NaN adapter and exit 0): the run stops after that update, and saves nothing of it."""
+    real = torch.optim.AdamW.step
+
+    def step(optimizer, *args, **kwargs):
+        real(optimizer, *args, **kwargs)
+        optimizer.param_groups[0]["params"][0].data[0, 0] = math.inf
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    with pytest.raises(FloatingPointError, match=r"step 1: the update made weights non-finite"):
+        opsd.main(run_args(world, tmp_path / "run", "--max-steps", "2"))
+    assert not list(tmp_path.glob("run/checkpoint-*"))
+
 # -----------------------------------------------------------------------------
-# 8. the command line
+# 8. the step's log: diagnostics for the known failure modes, the sampler-trainer mismatch, the reference cut
+
+
+def test_the_step_log_carries_the_diagnostics(world, tmp_path):
+    summary = opsd.main(run_args(world, tmp_path, "--max-steps", "2", "--beta", "0", "--entry-clip", "0.05",
+                                 "--token-clip", "0.1"))
+    assert 0 < summary["entropy"] and 0 <= summary["agreement"] <= 1 and summary["epistemic_per_1k"] >= 0
+    assert 0 < summary["entry_clipped"] < 1 and 0 <= summary["token_clipped"] <= 1
+    assert summary["truncated"] == 1.0  # a random tiny model never stops within 16 tokens
+    assert 0 < summary["padding"] < 1  # left padding: the problems' prompts differ in length
+    # the entry clip can make the loss negative; the count of such steps is cumulative
+    assert summary["negative_loss_steps"] == sum(r["loss"] < 0 for r in log(tmp_path))
+    # HF samples the live model in fp32: its log-probs are the student pass's, to rounding
+    assert 0 <= summary["mismatch_max"] < 1e-4 and summary["mismatch_mean"] <= summary["mismatch_max"]
+    for key in ("time_sample", "time_teacher", "time_student", "time_update"):
+        assert 0 < summary[key] < summary["time_step"], key
+
+
+def test_a_long_reference_is_cut_and_counted_and_a_prompt_past_the_context_is_named(world, tmp_path):
+    rows = toy.make_records("train", 4, 0)
+    rows[1]["solution"] = "7*6+0=42\n" * 400 + "\\boxed{42}"  # ~4,000 tokens: past the tiny model's 1,024 positions
+    data = tmp_path / "long.jsonl"
+    toy.write_jsonl(str(data), rows)
+    argv = run_args(world, tmp_path / "cut", "--max-steps", "1", "--max-reference-tokens", "64")
+    argv[argv.index("--data") + 1] = str(data)
+    assert opsd.main(argv)["references_cut"] == 1
+    record, cut = prompts.cut_reference(world["tokenizer"], rows[1], 64)
+    assert cut and record["solution"].endswith(prompts.REFERENCE_CUT) and record["problem"] == rows[1]["problem"]
+    argv = run_args(world, tmp_path / "long", "--max-steps", "1")
+    argv[argv.index("--data") + 1] = str(data)
+    with pytest.raises(prompts.UserError, match=r"long\.jsonl: row 1: the teacher prompt .* exceed the model's 1,024-position "
+                                                r"context; cut the reference with --max-reference-tokens"):
+        opsd.main(argv)
+
+# -----------------------------------------------------------------------------
+# 9. bf16 (the GPU path, run here: this CPU has AVX-512 BF16)
+
+
+def fixed_rollouts(sampler, prompt_ids, n, sampling, seeds, adapter=None):
+    """Rollouts that depend only on the seeds: the same in a bf16 run and an fp32 run, whose own samples would differ."""
+    return [[opsd.Sample(torch.randint(3, 300, (12,), generator=torch.Generator().manual_seed(s)).tolist(), None)]
+            for s in seeds]
+
+
+def one_step(world, tmp_path, name, *extra):
+    captured = {}
+    real, real_generate = opsd.update, opsd.HFSampler.generate
+    opsd.HFSampler.generate = fixed_rollouts
+
+    def update(params, *args, **kwargs):
+        captured["grads"] = torch.cat([p.grad.flatten().double() for p in params])
+        captured["before"] = [p.detach().clone() for p in params]
+        result = real(params, *args, **kwargs)
+        captured["after"] = [p.detach().clone() for p in params]
+        return result
+    opsd.update = update
+    try:
+        record = opsd.main(run_args(world, tmp_path / name, "--max-steps", "1", *extra))
+    finally:
+        opsd.update, opsd.HFSampler.generate = real, real_generate
+    return record, captured
+
+
+@pytest.mark.parametrize("full_finetune", [False, True], ids=["lora", "full_finetune"])
+def test_a_bf16_step_matches_the_fp32_step_and_keeps_trained_weights_fp32(world, tmp_path, full_finetune):
+    """The same rollouts (fixed_rollouts) scored in bf16 and in fp32: the loss within 5%
+    and the gradient's direction within cos 0.99. bf16 keeps 8 bits of mantissa (2^-8 = 0.4% per rounding), and a
+    2-layer model's logits pass ~10 roundings, so ~1-4% is bf16 itself; a wrong dtype path (an fp32 softmax missing,
+    the loss in bf16) is off by far more. Trained weights stay fp32; the checkpoint reloads in either dtype."""
+    extra = ["--full-finetune", "--lr", "1e-5"] if full_finetune else []
+    fp32, grads32 = one_step(world, tmp_path, "fp32", "--dtype", "float32", *extra)
+    bf16, grads16 = one_step(world, tmp_path, "bf16", "--dtype", "bfloat16", *extra)
+    assert abs(bf16["loss"] - fp32["loss"]) < 0.05 * fp32["loss"]
+    assert F.cosine_similarity(grads16["grads"], grads32["grads"], dim=0) > 0.99
+    assert all(p.dtype == torch.float32 for p in grads16["after"])  # the adapter, or the full model's master weights
+    # a small update (lr 1e-5) moves the bf16 run's weights as it moves the fp32 run's: none is rounded away
+    if full_finetune:
+        moved = lambda g: torch.cat([(a - b).flatten() for a, b in zip(g["after"], g["before"])])  # noqa: E731
+        assert (moved(grads16) != 0).float().mean() > 0.9
+        assert F.cosine_similarity(moved(grads16), moved(grads32), dim=0) > 0.98
+    checkpoint = plumbing.follow_latest(str(tmp_path / "bf16"))
+    for dtype in (torch.bfloat16, torch.float32):
+        lora = None if full_finetune else LORA
+        model, _ = opsd.load_model(checkpoint if full_finetune else world["model"], CPU, dtype, lora=lora)
+        plumbing.load_weights(checkpoint, model)
+        assert torch.equal(trainable(model)[0], grads16["after"][0])
+
+
+def test_the_softmaxes_and_the_divergence_run_in_fp32_under_bf16_logits():
+    problem = loss_problem(n=8, seed=3)
+    student, teacher = (x.bfloat16() for x in logits_of(problem))
+    grad, (loss, out) = opsd.loss_and_gradient(token_loss(beta=0.5), compile=False)(student, teacher, problem["targets"],
+                                                                                  problem["token_weights"])
+    assert loss.dtype == torch.float32 and out["divergence"].dtype == torch.float32 and grad.dtype == torch.bfloat16
+    expected = (reference_jsd(student.double() / TEMPERATURE, teacher.double() / TEMPERATURE, 0.5) *
+                problem["token_weights"].double()).sum()
+    assert abs(loss.item() - expected.item()) < 1e-5  # fp32 math on the bf16 values: bf16 rounding is not added
+
+# -----------------------------------------------------------------------------
+# 10. the command line and the recipes
 
 
 def test_help_documents_every_option():
-    result = subprocess.run([sys.executable, "opsd.py", "--help"], cwd=HERE, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "opsd.py", "--help"], cwd=HERE, env=ENV, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stderr
     for action in opsd.get_parser()._actions:
         assert action.help and action.help.strip(), action.option_strings
         for option in action.option_strings:
             assert option in result.stdout, option
 
-# -----------------------------------------------------------------------------
-# 9. the authors' recipe and the follow-up options: per-entry clip, vOPD baseline, diagnostics, teacher context
 
-
-def test_entry_clip_caps_each_vocabulary_term_and_can_push_the_teachers_favourite_down():
-    """The official --jsd_token_clip, on 4 tokens: the teacher prefers token 0 (0.7 against the student's 0.1), so
-    its forward-KL term 0.7 ln 7 = 1.36 is capped at 0.05. Its gradient then comes only through the softmax
-    normaliser, and gradient descent *lowers* the token the teacher prefers; the loss itself is negative."""
-    p_teacher = torch.tensor([0.7, 0.1, 0.1, 0.1], dtype=torch.float64)
-    p_student = torch.tensor([0.1, 0.3, 0.3, 0.3], dtype=torch.float64)
-    student_logits = p_student.log().requires_grad_()
-    clipped = opsd.generalized_jsd(student_logits, p_teacher.log(), 0.0, entry_clip=0.05)
-    clipped.backward()
-    terms = p_teacher * (p_teacher.log() - p_student.log())  # [1.36, -0.11, -0.11, -0.11]
-    assert clipped.item() == pytest.approx(0.05 + terms[1:].sum().item(), abs=1e-12) and clipped.item() < 0
-    # d/dz_0 of the unclipped terms alone: p_S(0) * sum_{u unclipped} p_T(u) = 0.1 * 0.3, positive: z_0 goes down
-    assert student_logits.grad[0].item() == pytest.approx(0.1 * 0.3, abs=1e-12)
-    free = p_student.log().requires_grad_()
-    opsd.generalized_jsd(free, p_teacher.log(), 0.0).backward()
-    assert free.grad[0].item() == pytest.approx(0.1 - 0.7, abs=1e-12)  # without the clip: p_S - p_T < 0, z_0 goes up
-    # the loss's --entry-clip path is this function
-    problem = loss_problem(n=6, seed=9)
-    logits = problem["student_hidden"] @ problem["weight"].T
-    out = token_fn(problem["weight"], beta=0.0, entry_clip=0.05)(logits, problem["teacher_hidden"], problem["targets"])
-    expected = opsd.generalized_jsd(logits / TEMPERATURE, problem["teacher_hidden"] @ problem["weight"].T / TEMPERATURE, 0.0, 0.05)
-    torch.testing.assert_close(out["loss"], expected)
-
-
-def test_vopd_baseline_leaves_the_expected_gradient_unchanged():
-    """E_{y ~ p_S}[grad(-A(y) log p_S(y))] by exact enumeration over a 7-token vocabulary: with A = log p_T - log p_S
-    and with the vOPD baseline A + KL(p_S || p_T) (a constant per position), the expectation is the same."""
-    generator = torch.Generator().manual_seed(11)
-    vocab = 7
-    z = (torch.randn(vocab, generator=generator, dtype=torch.float64) * 2)
-    teacher_hidden = torch.randn(vocab, vocab, generator=generator, dtype=torch.float64)
-    teacher_hidden[:] = teacher_hidden[0]  # the same position, once per possible sampled token
-    weight = torch.eye(vocab, dtype=torch.float64)  # teacher logits = teacher_hidden
-    p_student = z.softmax(-1)
-
-    def expected_gradient(baseline):
-        leaf = z.clone().requires_grad_()
-        out = token_fn(weight, temperature=1.0, loss="sampled", baseline=baseline)(leaf.expand(vocab, vocab), teacher_hidden, torch.arange(vocab))
-        (out["loss"] * p_student).sum().backward()
-        return leaf.grad, out["loss"].detach()
-    plain, plain_losses = expected_gradient("none")
-    vopd, vopd_losses = expected_gradient("vopd")
-    torch.testing.assert_close(vopd, plain, atol=1e-12, rtol=0)
-    assert (vopd_losses - plain_losses).abs().max() > 1e-3  # the per-sample losses (and gradients) do differ
-    assert plain.abs().max() > 1e-3
-
-
-def test_diagnostics_are_the_students_entropy_and_argmax_agreement():
-    problem = loss_problem(n=10, seed=12)
-    problem["teacher_hidden"] = problem["student_hidden"] + 0.7 * problem["teacher_hidden"]  # close: they agree sometimes
-    logits = problem["student_hidden"] @ problem["weight"].T
-    out = token_fn(problem["weight"], beta=0.5)(logits, problem["teacher_hidden"], problem["targets"])
-    p = (logits / TEMPERATURE).double().softmax(-1)
-    torch.testing.assert_close(out["entropy"].double(), -(p * p.log()).sum(-1), atol=1e-6, rtol=0)
-    agree = (logits.argmax(-1) == (problem["teacher_hidden"] @ problem["weight"].T).argmax(-1)).float()
-    assert torch.equal(out["agreement"], agree)
-    assert 0 < agree.sum() < 10  # both cases occur, so a constant would fail
-    assert [m.lower() for m in opsd.EPISTEMIC.findall("Wait, hmm... but maybe 3. Let me check: butter is waiting; PERHAPS.")] == \
-        ["wait", "hmm", "but", "maybe", "let me check", "perhaps"]
-
-
-def test_the_step_log_carries_the_diagnostics(world, tmp_path):
-    summary = opsd.main(run_args(world, tmp_path, "--max-steps", "1"))
-    assert 0 < summary["entropy"] and 0 <= summary["agreement"] <= 1 and summary["epistemic_per_1k"] >= 0
-    assert json.loads(open(tmp_path / "log.jsonl").readline()).keys() >= {"entropy", "agreement", "epistemic_per_1k"}
+@pytest.mark.parametrize("argv,message", [
+    (["--loss", "sampled", "--beta", "0"], "--beta does nothing with --loss sampled"),
+    (["--loss", "sampled", "--entry-clip", "0.1"], "--entry-clip does nothing with --loss sampled"),
+    (["--loss", "sampled", "--token-clip", "0.1"], "--token-clip does nothing with --loss sampled"),
+    (["--loss", "sampled", "--loss-top-k", "5"], "--loss-top-k does nothing with --loss sampled"),
+    (["--baseline", "vopd"], "--baseline vopd is for --loss sampled"),
+    (["--ema-decay", "0.9"], "--ema-decay does nothing without --teacher-weights ema"),
+])
+def test_options_that_do_nothing_in_a_combination_are_refused(world, tmp_path, argv, message):
+    with pytest.raises(prompts.UserError, match=message):
+        opsd.main(["--model", world["model"], "--out-dir", str(tmp_path / "out"), *argv])
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("preset,expected", [
-    ("paper", dict(loss="jsd", beta=0.5, entry_clip=0.0, thinking=True, max_new_tokens=2048, lr=2e-5, max_grad_norm=1.0)),
-    ("authors", dict(loss="jsd", beta=0.0, entry_clip=0.05, thinking=False, max_new_tokens=1024, lr=5e-6, max_grad_norm=0.1,
-                     temperature=1.1, top_p=0.95, sampling_top_k=20)),
+    ("paper", dict(loss="jsd", beta=0.5, entry_clip=0.0, thinking=True, max_new_tokens=2048, lr=2e-5, max_grad_norm=1.0,
+                   temperature=1.2, batch_size=32)),
+    ("authors", dict(loss="jsd", beta=0.0, entry_clip=0.05, thinking=False, teacher_thinking=True, max_new_tokens=1024,
+                     lr=5e-6, max_grad_norm=0.1, temperature=1.1, top_p=0.95, sampling_top_k=20, warmup_ratio=0.0,
+                     batch_size=32, lora_r=64, lora_alpha=128, max_reference_tokens=18976)),
 ])
 def test_recipes_by_name_and_a_flag_still_wins(world, preset, expected):
-    args = common.parse_config(opsd.get_parser(), ["--preset", preset, "--model", world["model"]])
+    args = plumbing.parse_config(opsd.get_parser(), ["--preset", preset, "--model", world["model"]])
     assert {k: getattr(args, k) for k in expected} == expected
-    assert common.parse_config(opsd.get_parser(), ["--preset", preset, "--model", world["model"], "--lr", "1e-4"]).lr == 1e-4
+    assert plumbing.parse_config(opsd.get_parser(), ["--preset", preset, "--model", world["model"], "--lr", "1e-4"]).lr == 1e-4
 
 
-def test_answer_only_teacher_sees_the_answer_and_not_the_solution(world, tmp_path, monkeypatch):
+def test_answer_only_teacher_sees_the_answer_and_not_the_solution_and_needs_no_solution(world, tmp_path, monkeypatch):
     seen, real = [], prompts.teacher_prompt_ids
-    monkeypatch.setattr(prompts, "teacher_prompt_ids", lambda tokenizer, record, thinking, context: seen.append((record, context))
-                        or real(tokenizer, record, thinking, context))
-    opsd.main(run_args(world, tmp_path, "--max-steps", "1", "--teacher-context", "answer"))
+    monkeypatch.setattr(prompts, "teacher_prompt_ids", lambda tokenizer, record, thinking, context, student:
+                        seen.append((record, context)) or real(tokenizer, record, thinking, context, student))
+    rows = [{"problem": r["problem"], "answer": r["answer"]} for r in toy.make_records("train", 4, 0)]  # no solution
+    data = tmp_path / "answers.jsonl"
+    toy.write_jsonl(str(data), rows)
+    argv = run_args(world, tmp_path / "run", "--max-steps", "1", "--teacher-context", "answer")
+    argv[argv.index("--data") + 1] = str(data)
+    opsd.main(argv)
     assert [context for _, context in seen] == ["answer"] * 4
     text = world["tokenizer"].decode(real(world["tokenizer"], seen[0][0], False, "answer"))
-    assert seen[0][0]["answer"] in text and seen[0][0]["solution"].splitlines()[0] not in text
+    assert seen[0][0]["answer"] in text and "Here is a reference solution" not in text

@@ -251,13 +251,45 @@ def test_grade_rejects_a_bad_timeout_before_asking_the_worker(monkeypatch):
     assert_grades_in_step(monkeypatch)
 
 
-def test_grade_refuses_a_reply_to_another_request(monkeypatch):
+def test_grade_never_takes_a_reply_that_is_not_a_verdict(monkeypatch):
     assert prompts.grade(boxed("\\frac{10}{8}"), "\\frac54") is True  # the worker is up
-    monkeypatch.setattr(prompts, "_read_line", lambda process, seconds: b"999999 1\n")
-    with pytest.raises(RuntimeError, match="out of step"):
-        prompts.grade(boxed("v\\cdot v"), "v^3")
+    monkeypatch.setattr(prompts, "_read_line", lambda process, seconds: b"999999 1\n")  # garbage on the pipe
+    assert prompts.grade(boxed("v\\cdot v"), "v^3") is False  # no verdict: not graded right, and the worker is replaced
+    assert prompts._worker is None
     monkeypatch.undo()
     assert_grades_in_step(monkeypatch)
+
+
+def test_the_grader_worker_dies_with_its_parent_even_while_it_computes(tmp_path):
+    """kill -9 of a process that is grading: its math-verify worker, busy in sympy and not reading its pipe, must not
+    live on (it used to spin at 99% CPU)."""
+    script = tmp_path / "grading.py"
+    script.write_text("import prompts, sys\nprompts.grade('\\\\boxed{5^{5^{5^{5^5}}}}', '1', timeout=600)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], cwd=HERE, env={**os.environ, "PYTHONPATH": HERE})
+    deadline, worker = time.monotonic() + 60, None
+    while worker is None and time.monotonic() < deadline:
+        children = subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True, text=True).stdout.split()
+        worker = int(children[0]) if children else None
+        time.sleep(0.2)
+    assert worker, "no grader worker started"
+    time.sleep(3)  # the worker is deep in sympy now
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{worker}") and \
+            open(f"/proc/{worker}/stat").read().split()[2] != "Z":
+        time.sleep(0.1)
+    alive = os.path.exists(f"/proc/{worker}") and open(f"/proc/{worker}/stat").read().split()[2] != "Z"
+    if alive:
+        os.kill(worker, 9)
+    assert not alive
+
+
+def test_plain_numbers_compare_exactly_not_as_floats():
+    assert prompts.grade(boxed("9007199254740993"), "9007199254740992") is False  # equal as floats (2^53 + 1)
+    assert prompts.grade(boxed("0.10000000000000000001"), "0.1") is False
+    assert prompts.grade(boxed("9007199254740993"), "9007199254740993") is True
+    assert prompts.grade(boxed("12.50"), "12.5") is True
 
 
 def test_grade_timeout_is_not_cached_as_an_answer():
@@ -439,6 +471,38 @@ def test_student_and_teacher_prompts_end_with_the_same_assistant_prefix(tokenize
     assert student[-len(prefix_ids):] == teacher[-len(prefix_ids):] == prefix_ids
     assert tokenizer.decode(student).endswith(prompts.INSTRUCTION + "<|im_end|>\n" + prefix)
     assert len(teacher) > len(student)
+
+
+QWEN3_TEMPLATE = "trl/chat_templates/qwen3.jinja"  # Qwen3's own chat template, as TRL ships it (.ci/run installs trl)
+
+
+@pytest.fixture(scope="module")
+def qwen3(tokenizer):
+    """The toy tokenizer (Qwen3's special tokens) rendering with the real Qwen3 chat template."""
+    import copy
+    import importlib.util
+    spec = importlib.util.find_spec("trl")
+    if spec is None:
+        pytest.skip("trl is not installed: it carries the real Qwen3 chat template (.ci/run installs it)")
+    qwen3 = copy.deepcopy(tokenizer)
+    qwen3.chat_template = open(os.path.join(os.path.dirname(spec.origin), QWEN3_TEMPLATE[4:])).read()
+    return qwen3
+
+
+@pytest.mark.parametrize("student", [False, True], ids=["student_off", "student_on"])
+@pytest.mark.parametrize("teacher", [False, True], ids=["teacher_off", "teacher_on"])
+def test_with_the_real_qwen3_template_the_teacher_prompt_ends_with_the_students_prefix(qwen3, student, teacher):
+    """Every combination of --thinking and --teacher-thinking: the rollout is appended where the student wrote it. With
+    Qwen3's template thinking off adds an empty think block to the generation prompt and changes nothing else."""
+    record = {"problem": "What is 123*4?", "solution": "123*4 = 492\n\\boxed{492}", "answer": "492"}
+    student_ids = prompts.student_prompt_ids(qwen3, record["problem"], student)
+    teacher_ids = prompts.teacher_prompt_ids(qwen3, record, teacher, "solution", student)
+    prefix = "<|im_start|>assistant\n" + ("" if student else "<think>\n\n</think>\n\n")
+    assert qwen3.decode(student_ids).endswith(prompts.INSTRUCTION + "<|im_end|>\n" + prefix)
+    assert qwen3.decode(teacher_ids).endswith(prompts.INSTRUCTION + "<|im_end|>\n" + prefix)
+    assert "Here is a reference solution" in qwen3.decode(teacher_ids)
+    unaligned = prompts.chat_prompt_ids(qwen3, prompts.teacher_messages(record), teacher)  # the official code's prompt
+    assert (unaligned == teacher_ids) == (student == teacher)
 
 
 def test_rollout_starts_exactly_after_the_prompt(tokenizer):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import common
-import lm
+import opsd
+import plumbing
 import prompts
 import sft
 import toy
@@ -29,7 +29,7 @@ def test_loss_covers_exactly_the_assistant_tokens_and_the_eos(tiny):
                            else prompts.student_prompt_ids(tok, record["problem"]))
         assert prompt == expected_prompt
         assert target == tok(record["solution"], add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
-    batch = lm.build_batch([p for p, _ in examples], [t for _, t in examples], tok.pad_token_id, torch.device("cpu"))
+    batch = opsd.build_batch([p for p, _ in examples], [t for _, t in examples], tok.pad_token_id, torch.device("cpu"))
     # the rows that carry loss predict exactly the target tokens, each from the position just before it
     predicted = batch["input_ids"][batch["row_batch"], batch["row_pos"] + 1]
     assert torch.equal(predicted, batch["targets"])
@@ -47,6 +47,21 @@ def test_a_padded_length_grouped_batch_equals_one_sequence_at_a_time(tiny):
                 for e in examples)
     assert abs(together.item() - alone.item()) < 1e-10
     assert together.item() > 0
+
+
+def test_the_loss_is_the_mean_nll_over_the_steps_target_tokens(tiny):
+    """Divided by the step's target-token count (not summed, not averaged per micro-batch): the loss scale, and with
+    it the effective lr, does not change with the batch."""
+    d, tok, data = tiny
+    model = AutoModelForCausalLM.from_pretrained(d).double()
+    examples = sft.tokenize_examples(prompts.load_records(data, require=("problem", "solution"))[:3], tok, False, 10_000)
+    n_tokens = sum(len(t) for _, t in examples)
+    loss = sum(sft.sft_loss(model, [e], torch.device("cpu"), tok.pad_token_id, 5, n_tokens) for e in examples)
+    nll = []
+    for prompt, target in examples:
+        logits = model(input_ids=torch.tensor([prompt + target])).logits[0, len(prompt) - 1:-1]
+        nll.append(torch.nn.functional.cross_entropy(logits, torch.tensor(target), reduction="none"))
+    assert abs(loss.item() - torch.cat(nll).mean().item()) < 1e-10
 
 
 def test_loss_goes_down_on_a_tiny_model(tiny, tmp_path):
@@ -70,7 +85,7 @@ def test_from_scratch_trains_all_weights_from_a_config(tiny, tmp_path):
     out = tmp_path / "run"
     sft.main(["--model", str(config_dir), "--from-scratch", "--data", data, "--max-steps", "3", "--batch-size", "4",
               "--micro-batch-size", "4", "--lr", "1e-3", "--out-dir", str(out), "--save-every", "3"])
-    trained = AutoModelForCausalLM.from_pretrained(common.follow_latest(str(out)))  # a full model, no adapter
+    trained = AutoModelForCausalLM.from_pretrained(plumbing.follow_latest(str(out)))  # a full model, no adapter
     assert sum(p.numel() for p in trained.parameters()) > 10_000
     assert not hasattr(trained, "peft_config")
 
@@ -84,8 +99,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny, tmp_path):
     sft.main(base + ["--max-steps", "4", "--stop-after", "2", "--out-dir", str(tmp_path / "split")])
     sft.main(base + ["--max-steps", "4", "--out-dir", str(tmp_path / "split"), "--resume", str(tmp_path / "split")])
     from safetensors.torch import load_file
-    a = load_file(os.path.join(common.follow_latest(str(tmp_path / "straight")), "adapter_model.safetensors"))
-    b = load_file(os.path.join(common.follow_latest(str(tmp_path / "split")), "adapter_model.safetensors"))
+    a = load_file(os.path.join(plumbing.follow_latest(str(tmp_path / "straight")), "adapter_model.safetensors"))
+    b = load_file(os.path.join(plumbing.follow_latest(str(tmp_path / "split")), "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
@@ -97,6 +112,6 @@ def test_stop_at_eval_avg_stops_and_saves_at_the_first_eval_that_reaches_it(tiny
             "--max-steps", "10", "--eval-every", "3", "--eval-data", data, "--max-new-tokens", "8", "--save-every", "100"]
     sft.main(argv + ["--out-dir", str(tmp_path / "stops"), "--stop-at-eval-avg", "0"])  # any avg reaches 0
     assert [r["step"] for r in map(json.loads, open(tmp_path / "stops" / "log.jsonl"))] == [1, 2, 3, 3]  # 3 steps, then the eval
-    assert common.follow_latest(str(tmp_path / "stops")).endswith("checkpoint-000003")
+    assert plumbing.follow_latest(str(tmp_path / "stops")).endswith("checkpoint-000003")
     sft.main(argv + ["--out-dir", str(tmp_path / "runs_on"), "--stop-at-eval-avg", "1"])  # a random model never gets all right
-    assert common.follow_latest(str(tmp_path / "runs_on")).endswith("checkpoint-000010")
+    assert plumbing.follow_latest(str(tmp_path / "runs_on")).endswith("checkpoint-000010")

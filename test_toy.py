@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-import common
+import opsd
+import plumbing
 import prompts
 import toy
 
@@ -66,9 +67,35 @@ def test_toy_world_end_to_end_quick(tmp_path, monkeypatch, references):
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     for s in steps:
         assert math.isfinite(s["loss"]) and s["loss"] >= 0 and 0 <= s["rollout_acc"] <= 1
-        assert 0 < s["rollout_len"] <= common.TOY["opsd"]["max_new_tokens"]
+        assert 0 < s["rollout_len"] <= toy.PRESETS["opsd"]["max_new_tokens"]
     assert os.path.exists(os.path.join(out, "checkpoint-000004", "adapter_model.safetensors"))
     # the warm start is a full model (trained from scratch), not an adapter
     assert os.path.exists(tmp_path / "cache" / references / "warm" / "model.safetensors")
     records = prompts.load_records(str(tmp_path / "cache" / references / "test.jsonl"))
     assert all(r["solution"] == toy.REFERENCES[references](*map(int, r["problem"][8:-1].split("*"))) for r in records)
+
+
+def test_a_script_in_the_toy_world_gets_the_toy_settings_and_its_own_flags_win(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPSD_TOY_CACHE", str(tmp_path / "cache"))
+    p = toy.paths("own")
+    seen = []
+    monkeypatch.setattr(opsd, "main", lambda argv: seen.append(plumbing.parse_config(opsd.get_parser(), argv)))
+    os.makedirs(p["warm"])
+    with open(os.path.join(p["warm"], "config.json"), "w") as f:
+        f.write("{}")
+    toy.main(["opsd", "--lr", "3e-4", "--seed", "7"])
+    args = seen[0]
+    assert args.model == p["warm"] and args.data == p["train"] and args.eval_data == p["test"]
+    assert (args.lora_r, args.batch_size, args.max_new_tokens, args.thinking, args.compile) == (16, 32, 96, False, False)
+    assert (args.lr, args.seed) == (3e-4, 7)  # the flags after the toy settings win
+    assert args.out_dir == "runs/toy/opsd"
+
+
+def test_the_toy_world_names_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPSD_TOY_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(prompts.UserError, match=r"no toy warm start at .*`python toy.py prepare --references own`"):
+        toy.main(["opsd"])
+    assert not (tmp_path / "empty").exists()  # nothing was built while checking
+    (tmp_path / "not_a_model").mkdir()  # the user's own --model: its error, not advice to rebuild the toy world
+    with pytest.raises(prompts.UserError, match=r"--model .*not_a_model: no config.json there"):
+        toy.main(["opsd", "--model", str(tmp_path / "not_a_model")])

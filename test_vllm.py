@@ -18,11 +18,10 @@ import sys
 import pytest
 import torch
 
-import common
 import eval as evaluate
 import grpo
-import lm
 import opsd
+import plumbing
 import prompts
 import toy
 
@@ -45,8 +44,8 @@ def world(tmp_path_factory):
 def sampler(world, tmp_path_factory):
     """One float32 engine with LoRA for the tests of TestOneEngine (import ~15 s, start ~4 s). vLLM keeps global state
     per process, so it is closed before any other test starts an engine of its own (as a script only ever has one)."""
-    engine = lm.make_sampler("vllm", model=None, tokenizer=world["tokenizer"], model_path=world["model"], device=CPU, lora_rank=8,
-                             seed=0, vllm_gpu_memory=0.3, adapter_dir=str(tmp_path_factory.mktemp("adapters")))
+    engine = opsd.make_sampler("vllm", None, world["tokenizer"], world["model"], CPU, torch.float32, lora_rank=8, seed=0,
+                               gpu_memory=0.3)
     yield engine
     engine.close()
 
@@ -59,7 +58,7 @@ def problems(world):
 def lora_model(world, scale=0.2, seed=0):
     """The tiny model with a LoRA adapter whose B is non-zero (PEFT starts B at 0: a no-op adapter proves nothing)."""
     torch.manual_seed(seed)
-    model, _ = lm.load_model(world["model"], CPU, lora=LORA)
+    model, _ = opsd.load_model(world["model"], CPU, lora=LORA)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -67,9 +66,22 @@ def lora_model(world, scale=0.2, seed=0):
     return model.eval()
 
 
+def greedy(max_new_tokens=48):
+    return dict(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0)
+
+
+def ids(samples):
+    return [s[0].ids for s in samples]
+
+
 def hf_greedy(model, world, problems, max_new_tokens=48):
-    hf = lm.HFSampler(model, world["tokenizer"], lm.stop_token_ids(world["tokenizer"], world["model"]))
-    return [s[0] for s in hf.generate(problems, 1, max_new_tokens, 0.0)]
+    hf = opsd.HFSampler(model, world["tokenizer"], opsd.stop_token_ids(world["tokenizer"], world["model"]))
+    return ids(hf.generate(problems, 1, greedy(max_new_tokens), seeds=[0] * len(problems)))
+
+
+def save(model, path):
+    model.save_pretrained(path)
+    return str(path)
 
 # -----------------------------------------------------------------------------
 # 1. one shared engine: the same tokens as HF, adapter sync, log-probs, seeds
@@ -79,79 +91,65 @@ class TestOneEngine:
 
 
     def test_greedy_ids_equal_hf_for_the_base_weights_and_an_adapter(self, world, sampler, problems, tmp_path):
-        base, _ = lm.load_model(world["model"], CPU)
-        sampler.lora = None
-        assert [s[0] for s in sampler.generate(problems, 1, 48, 0.0)] == hf_greedy(base.eval(), world, problems)
+        base, _ = opsd.load_model(world["model"], CPU)
+        seeds = [0] * len(problems)
+        assert ids(sampler.generate(problems, 1, greedy(), seeds)) == hf_greedy(base.eval(), world, problems)
         model = lora_model(world)
-        model.save_pretrained(tmp_path / "adapter")
-        sampler.use_adapter(tmp_path / "adapter", 1001)  # ids apart from the update test's step ids (vLLM caches by id)
-        with_adapter = [s[0] for s in sampler.generate(problems, 1, 48, 0.0)]
+        with_adapter = ids(sampler.generate(problems, 1, greedy(), seeds, adapter=save(model, tmp_path / "adapter")))
         assert with_adapter == hf_greedy(model, world, problems)
         assert with_adapter != hf_greedy(base.eval(), world, problems)  # the adapter changes what is generated
 
-
     def test_an_update_reaches_the_engine(self, world, sampler, problems, tmp_path):
-        """The stale-weights failure: after an optimizer step, sampler.update and generate must give the updated model's
-        greedy output, not the old one's."""
+        """The stale-weights failure: after an optimizer step, the adapter saved for the next call (opsd.adapter_for)
+        must give the updated model's greedy output, not the old one's."""
         model = lora_model(world, scale=0.05)
-        sampler.adapter_dir = str(tmp_path / "adapters")
-        sampler.update(model, 0)
-        before = [s[0] for s in sampler.generate(problems, 1, 32, 0.0)]
+        seeds = [0] * len(problems)
+        before = ids(sampler.generate(problems, 1, greedy(32), seeds, opsd.adapter_for(sampler, model, tmp_path, 0, "a")))
         assert before == hf_greedy(model, world, problems, 32)
-        batch = lm.build_batch(problems[:4], [prompts.completion_ids(world["tokenizer"], "7*3+0=21\n\\boxed{21}")] * 4,
-                               world["tokenizer"].pad_token_id, CPU)
+        batch = opsd.build_batch(problems[:4], [prompts.completion_ids(world["tokenizer"], "7*3+0=21\n\\boxed{21}")] * 4,
+                                 world["tokenizer"].pad_token_id, CPU)
         model.train()
-        optimizer = torch.optim.SGD(lm.trainable_parameters(model), lr=2.0)
-        loss = lm.chunked_loss(lm.completion_hidden(model, batch), lm.lm_parts(model)[1], torch.full((len(batch["targets"]),), 0.25),
-                               lambda logits, targets: {"loss": torch.nn.functional.cross_entropy(logits, targets, reduction="none")},
-                               (batch["targets"],), 64)
-        loss.backward()
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=2.0)
+        logits = opsd.completion_hidden(model, batch) @ opsd.lm_parts(model)[1].T
+        torch.nn.functional.cross_entropy(logits, batch["targets"]).backward()
         optimizer.step()
         model.eval()
-        sampler.update(model, 1)
-        after = [s[0] for s in sampler.generate(problems, 1, 32, 0.0)]
+        after = ids(sampler.generate(problems, 1, greedy(32), seeds, opsd.adapter_for(sampler, model, tmp_path, 0, "b")))
         assert after == hf_greedy(model, world, problems, 32)
         assert after != before
-
+        assert os.listdir(tmp_path / "vllm_adapters" / "rank0") == ["b"]  # the older adapter is deleted
 
     @pytest.mark.parametrize("adapter", [False, True], ids=["base", "adapter"])
     def test_logprobs_are_those_of_the_sampling_distribution(self, world, sampler, problems, tmp_path, adapter):
         """What OPSD's loss assumes: the student's softmax at temperature T is the distribution that sampled the rollout.
-        vLLM's log-prob of each sampled token equals HF's log_softmax(logits / T) there."""
-        from vllm.inputs import TokensPrompt
+        vLLM's log-prob of each sampled token (Sample.logprobs, logged against the student pass as the mismatch) equals
+        HF's log_softmax(logits / T) there."""
         temperature = 1.3
-        model = lora_model(world) if adapter else lm.load_model(world["model"], CPU)[0].eval()
-        if adapter:
-            model.save_pretrained(tmp_path / "adapter")
-            sampler.use_adapter(tmp_path / "adapter", 1002)
-        else:
-            sampler.lora = None
-        params = [sampler.sampling_params(1, 32, temperature, 1.0, 0, seed=5, index=i, logprobs=0) for i in range(len(problems))]
-        outputs = sampler.llm.generate([TokensPrompt(prompt_token_ids=p) for p in problems], params, lora_request=sampler.lora, use_tqdm=False)
+        model = lora_model(world) if adapter else opsd.load_model(world["model"], CPU)[0].eval()
+        path = save(model, tmp_path / "adapter") if adapter else None
+        sampling = dict(max_new_tokens=32, temperature=temperature, top_p=1.0, top_k=0)
+        samples = sampler.generate(problems, 1, sampling, list(range(len(problems))), adapter=path)
         worst, tokens = 0.0, 0
-        for prompt, output in zip(problems, outputs):
-            sample = output.outputs[0]
-            ids = torch.tensor([prompt + list(sample.token_ids)])
+        for prompt, [sample] in zip(problems, samples):
+            sequence = torch.tensor([prompt + sample.ids])
             with torch.no_grad():
-                logp = (model(input_ids=ids).logits[0, len(prompt) - 1:-1] / temperature).log_softmax(-1)
-            hf = logp.gather(-1, torch.tensor(sample.token_ids)[:, None])[:, 0]
-            ours = torch.tensor([step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)])
-            worst, tokens = max(worst, (hf - ours).abs().max().item()), tokens + len(ours)
+                logp = (model(input_ids=sequence).logits[0, len(prompt) - 1:-1] / temperature).log_softmax(-1)
+            hf = logp.gather(-1, torch.tensor(sample.ids)[:, None])[:, 0]
+            worst, tokens = max(worst, (hf - torch.tensor(sample.logprobs)).abs().max().item()), tokens + len(sample.ids)
         assert tokens > 100 and worst < 1e-4, worst
 
-
-
-
     def test_identical_prompts_get_different_samples_and_a_seed_repeats_them(self, sampler, problems):
-        sampler.lora = None
-        first = [tuple(s[0]) for s in sampler.generate([problems[0]] * 8, 1, 24, 1.0, seed=3)]
+        sampling = dict(max_new_tokens=24, temperature=1.0, top_p=1.0, top_k=0)
+        first = [tuple(s[0].ids) for s in sampler.generate([problems[0]] * 8, 1, sampling, list(range(8)))]
         assert len(set(first)) == 8
-        assert [tuple(s[0]) for s in sampler.generate([problems[0]] * 8, 1, 24, 1.0, seed=3)] == first  # reproducible
-        children = [tuple(s) for s in sampler.generate([problems[0]] * 2, 4, 24, 1.0, seed=3)[0] + sampler.generate([problems[0]] * 2, 4, 24, 1.0, seed=3)[1]]
-        assert len(set(children)) == 8  # n > 1: no two children of two requests share a seed
-        other_rank = object.__new__(type(sampler))
-        other_rank.rank, other_rank.stop_ids = 1, sampler.stop_ids
-        assert other_rank.sampling_params(4, 8, 1.0, 1.0, 0, 3, 0).seed != sampler.sampling_params(4, 8, 1.0, 1.0, 0, 3, 0).seed
+        assert [tuple(s[0].ids) for s in sampler.generate([problems[0]] * 8, 1, sampling, list(range(8)))] == first
+        # n > 1: sample j of a request has seed + j, so requests seeded 2n apart share no seed
+        children = [tuple(s.ids) for group in sampler.generate([problems[0]] * 2, 4, sampling, [0, 8]) for s in group]
+        assert len(set(children)) == 8
+        # a request's samples do not depend on the other requests of its call
+        alone = sampler.generate([problems[1]], 2, sampling, [5])[0]
+        together = sampler.generate([problems[0], problems[1]], 2, sampling, [9, 5])[1]
+        assert [s.ids for s in alone] == [s.ids for s in together]
 
 
 # -----------------------------------------------------------------------------
@@ -165,19 +163,19 @@ def test_both_samplers_stop_on_the_same_ids_including_the_generation_configs(wor
     shutil.copytree(world["model"], model_dir)
     config = json.loads((model_dir / "generation_config.json").read_text())
     tokenizer = world["tokenizer"]
-    base, _ = lm.load_model(world["model"], CPU)
+    base, _ = opsd.load_model(world["model"], CPU)
     extra = next(c[0] for c in hf_greedy(base.eval(), world, problems) if len(c) > 1)  # a token the model does generate
     config["eos_token_id"] = [tokenizer.eos_token_id, extra]
     (model_dir / "generation_config.json").write_text(json.dumps(config))
-    stop_ids = lm.stop_token_ids(tokenizer, str(model_dir))
+    stop_ids = opsd.stop_token_ids(tokenizer, str(model_dir))
     assert stop_ids == prompts.stop_token_ids(tokenizer) + [extra]
-    engine = lm.make_sampler("vllm", model=None, tokenizer=tokenizer, model_path=str(model_dir), device=CPU, lora_rank=None, seed=0,
-                             vllm_gpu_memory=0.3, adapter_dir=None)
+    engine = opsd.make_sampler("vllm", None, tokenizer, str(model_dir), CPU, torch.float32, lora_rank=None, seed=0,
+                               gpu_memory=0.3)
     try:
-        ours = [s[0] for s in engine.generate(problems, 1, 48, 0.0)]
+        ours = ids(engine.generate(problems, 1, greedy(), [0] * len(problems)))
     finally:
         engine.close()
-    assert ours == [s[0] for s in lm.HFSampler(base.eval(), tokenizer, stop_ids).generate(problems, 1, 48, 0.0)]
+    assert ours == ids(opsd.HFSampler(base.eval(), tokenizer, stop_ids).generate(problems, 1, greedy(), [0] * len(problems)))
     ends = [c[-1] for c in ours if len(c) < 48]
     assert extra in ends  # some completions did stop on the generation config's extra id
     assert all(c.count(s) <= 1 for c in ours for s in stop_ids)  # and the stop id is there once, not appended again
@@ -189,12 +187,14 @@ def test_both_samplers_stop_on_the_same_ids_including_the_generation_configs(wor
 def tiny_run(world, out_dir, *extra):
     return ["--model", world["model"], "--data", world["data"], "--batch-size", "4", "--micro-batch-size", "4",
             "--max-new-tokens", "16", "--lora-r", "8", "--lora-alpha", "16", "--lr", "1e-2", "--max-steps", "2",
-            "--sampler", "vllm", "--vllm-gpu-memory", "0.3", "--out-dir", str(out_dir), *extra]
+            "--sampler", "vllm", "--vllm-gpu-memory", "0.3", "--no-compile", "--out-dir", str(out_dir), *extra]
 
 
 def test_opsd_and_grpo_train_two_steps_with_vllm(world, tmp_path):
     summary = opsd.main(tiny_run(world, tmp_path / "opsd"))
     assert summary["step"] == 2 and summary["generated_tokens_total"] > 0
+    # vLLM's log-probs of the sampled tokens against the student pass's, logged each step: float32 on CPU, on-policy
+    assert 0 < summary["mismatch_mean"] <= summary["mismatch_max"] < 1e-3
     assert os.path.exists(tmp_path / "opsd" / "checkpoint-000002" / "adapter_model.safetensors")
     summary = grpo.main(tiny_run(world, tmp_path / "grpo", "--batch-size", "2", "--group-size", "4"))
     assert summary["step"] == 2 and summary["generated_tokens"] > 0

@@ -20,8 +20,9 @@ so every machine stops in the same regime, whatever its arithmetic.
 
   python toy.py                               # prepare if needed, run OPSD for a few minutes, print accuracies
   python toy.py prepare [--references expert] # (re)build the tokenizer, data and warm start
-Files go under toy_cache/<references>/ (or $OPSD_TOY_CACHE/<references>/); every script's `--preset toy`
-(`toy-expert`) reads them from there.
+  python toy.py opsd|grpo|sft|eval [flags]    # a script in the toy world: its toy settings (PRESETS), then flags
+Files go under toy_cache/<references>/ (or $OPSD_TOY_CACHE/<references>/). The scripts know nothing of the toy
+world: this file drives them (delete it and they still work).
 """
 import argparse
 import hashlib
@@ -32,9 +33,10 @@ import shutil
 import sys
 import time
 
-import common
-import lm
+import eval as evaluation
+import grpo
 import opsd
+import plumbing
 import prompts
 import sft
 
@@ -209,30 +211,69 @@ def warmstart_records(n, references="own", seed=0):
     return rows
 
 # -----------------------------------------------------------------------------
-# 5. prepare: tokenizer, data files and the warm start
+# 5. the toy settings of every script (`python toy.py opsd` etc.): LoRA r=16 on the tiny model; lr 1e-3 with warmup (a
+# fresh optimizer at a high lr and no warmup wrecks the warm start); rollouts are <= ~70 tokens; one micro-batch holds
+# a whole step on CPU; no torch.compile (at a vocabulary of ~400 it costs more than it saves: README).
+
+COMMON = dict(lora_r=16, lora_alpha=32, lr=1e-3, warmup_ratio=0.1, max_new_tokens=96, temperature=1.0, thinking=False,
+              micro_batch_size=32, chunk_size=4096, save_every=50, eval_every=50, eval_samples=1, eval_temperature=0.0,
+              sampler="hf", compile=False)
+PRESETS = {"opsd": dict(COMMON, batch_size=32, max_steps=150),
+           "grpo": dict(COMMON, batch_size=4, group_size=8, max_steps=150, lr=3e-4),
+           "sft": dict(COMMON, batch_size=32, max_steps=150),
+           "eval": dict(samples=1, temperature=0.0, top_p=1.0, max_new_tokens=96, thinking=False, sampler="hf",
+                        compile=False)}
+SCRIPTS = {"opsd": opsd, "grpo": grpo, "sft": sft, "eval": evaluation}
+
+
+def paths(references="own", cache=None):
+    cache = cache or os.environ.get("OPSD_TOY_CACHE") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_cache")
+    root = os.path.join(cache, references)
+    return {name: os.path.join(root, file) for name, file in
+            [("root", ""), ("base", "base"), ("warm", "warm"), ("train", "train.jsonl"), ("validation", "validation.jsonl"),
+             ("test", "test.jsonl"), ("warmstart", "warmstart.jsonl")]}
+
+
+def script_argv(script, references="own"):
+    """A script's toy settings as command-line flags (flags given after them win): the warm start as --model, the
+    train (eval: test) split as --data, the test split as --eval-data, and PRESETS."""
+    p = paths(references)
+    values = dict(PRESETS[script], model=p["warm"], data=p["test" if script == "eval" else "train"],
+                  out_dir=f"runs/toy{'' if references == 'own' else '-' + references}/{script}")
+    if script != "eval":
+        values.update(split="train", eval_data=p["test"])
+    argv = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        argv += [flag] if value is True else [f"--no-{key.replace('_', '-')}"] if value is False else [flag, str(value)]
+    return argv
+
+# -----------------------------------------------------------------------------
+# 6. prepare: tokenizer, data files and the warm start
 
 
 def accuracy(model_dir, data_path, adapter=None, teacher_context=None, limit=None):
     """Greedy accuracy on a data file of the student prompt, or of the teacher prompt with this context
     ("solution": the reference; "answer": only the final answer)."""
     import torch
-    model, tokenizer = lm.load_model(model_dir, torch.device("cpu"))
+    model, tokenizer = opsd.load_model(model_dir, torch.device("cpu"))
     if adapter:
-        model = lm.load_adapter(model, adapter)
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter)
     records = prompts.load_records(data_path, require=("problem", "solution", "answer"), limit=limit)
-    sampler = lm.HFSampler(model, tokenizer, lm.stop_token_ids(tokenizer, model_dir), batch_size=128)
-    summary = lm.run_eval(tokenizer, records, sampler, n=1, temperature=0.0, max_new_tokens=common.TOY["eval"]["max_new_tokens"],
-                          thinking=False, teacher_context=teacher_context)
-    return summary["avg"]
+    sampler = opsd.HFSampler(model, tokenizer, opsd.stop_token_ids(tokenizer, model_dir), batch_size=256)
+    sampling = dict(max_new_tokens=PRESETS["eval"]["max_new_tokens"], temperature=0.0, top_p=1.0, top_k=0)
+    return evaluation.run_eval(tokenizer, records, sampler, n=1, sampling=sampling, thinking=False,
+                               teacher_context=teacher_context, batch_size=256)["avg"]
 
 
-def prepare(references="own", target=0.40, check_every=25, max_steps=600, n_train=4000, n_validation=128, n_test=256, hidden=128,
-            layers=4, cache=None):
+def prepare(references="own", target=0.40, check_every=25, max_steps=600, n_train=4000, n_validation=128, n_test=256,
+            hidden=128, layers=4, cache=None):
     """Build the toy world under cache/<references>/. The warm start is sft.py from scratch on a 600-step schedule,
     stopped at the first multiple of check_every steps where the student's greedy accuracy on the validation split
     reaches `target` (or at the end of the schedule)."""
     from transformers import AutoTokenizer
-    p = common.toy_paths(references, cache)
+    p = paths(references, cache)
     t0 = time.time()
     shutil.rmtree(p["root"], ignore_errors=True)
     build_tokenizer(p["base"])
@@ -243,15 +284,17 @@ def prepare(references="own", target=0.40, check_every=25, max_steps=600, n_trai
     write_jsonl(p["test"], make_records("test", n_test, seed=2, references=references))
     write_jsonl(p["warmstart"], warmstart_records(64 * max_steps, references))  # the whole schedule's data
     out = os.path.join(p["root"], "warm_run")
-    print(f"toy: training the {references}-reference warm start from scratch: a {max_steps}-step schedule, stopped once the "
-          f"student solves {target:.0%} of the validation problems (greedy, checked every {check_every} steps)", flush=True)
-    sft.main(["--model", p["base"], "--from-scratch", "--data", p["warmstart"], "--split", "train", "--max-steps", str(max_steps),
-              "--batch-size", "64", "--micro-batch-size", "16", "--lr", "3e-3", "--warmup-ratio", "0.05", "--weight-decay", "0.01",
-              "--chunk-size", "8192", "--out-dir", out, "--save-every", str(max_steps), "--keep", "1", "--no-thinking",
-              "--eval-every", str(check_every), "--eval-data", p["validation"], "--max-new-tokens", str(common.TOY["eval"]["max_new_tokens"]),
-              "--stop-at-eval-avg", str(target), "--sampler", "hf"])
-    final = common.follow_latest(out)
-    step = common.checkpoint_step(final)
+    print(f"toy: training the {references}-reference warm start from scratch: a {max_steps}-step schedule, stopped once "
+          f"the student solves {target:.0%} of the validation problems (greedy, checked every {check_every} steps)",
+          flush=True)
+    sft.main(["--model", p["base"], "--from-scratch", "--data", p["warmstart"], "--split", "train", "--max-steps",
+              str(max_steps), "--batch-size", "64", "--micro-batch-size", "16", "--lr", "3e-3", "--warmup-ratio", "0.05",
+              "--weight-decay", "0.01", "--chunk-size", "8192", "--out-dir", out, "--save-every", str(max_steps),
+              "--keep", "1", "--no-thinking", "--eval-every", str(check_every), "--eval-data", p["validation"],
+              "--max-new-tokens", str(PRESETS["eval"]["max_new_tokens"]), "--stop-at-eval-avg", str(target),
+              "--sampler", "hf", "--no-compile", "--progress-bar"])
+    final = plumbing.follow_latest(out)
+    step = plumbing.checkpoint_step(final)
     student, teacher = accuracy(final, p["validation"]), accuracy(final, p["validation"], teacher_context="solution")
     if teacher < student + 0.2:  # the regime OPSD needs: a teacher clearly ahead of the student
         print(f"toy: WARNING: the teacher is not 20 points ahead of the student ({teacher:.1%} against {student:.1%}): "
@@ -268,7 +311,7 @@ def prepare(references="own", target=0.40, check_every=25, max_steps=600, n_trai
 def ensure_prepared(references="own", cache=None, **kwargs):
     """prepare() unless the warm start exists; a file lock makes concurrent callers wait for one build."""
     import fcntl
-    p = common.toy_paths(references, cache)
+    p = paths(references, cache)
     os.makedirs(os.path.dirname(p["root"].rstrip(os.sep)), exist_ok=True)
     with open(p["root"].rstrip(os.sep) + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -277,23 +320,39 @@ def ensure_prepared(references="own", cache=None, **kwargs):
     return p
 
 # -----------------------------------------------------------------------------
-# 6. the one command: prepare if needed, accuracies before, OPSD, accuracy after
+# 7. the commands: the demo (prepare if needed, accuracies before, OPSD, accuracy after), prepare, and the scripts
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="The CPU toy world: prepare it, run OPSD, print held-out accuracies.",
+    parser = argparse.ArgumentParser(description="The CPU toy world: prepare it, run OPSD, print held-out accuracies; or "
+                                     "run one script in it (the script's flags follow).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("command", nargs="?", choices=["run", "prepare"], default="run", help="run: prepare if needed, then OPSD; prepare: (re)build the world")
-    parser.add_argument("--references", choices=sorted(REFERENCES), default="own", help="the style of the reference solutions (see the docstring)")
-    parser.add_argument("--cache", default=None, help="where the tokenizer, data and warm start live (default: $OPSD_TOY_CACHE, else toy_cache/)")
-    parser.add_argument("--steps", type=common.positive_int, default=None, help="OPSD steps (default: the toy preset's)")
-    parser.add_argument("--out-dir", default=None, help="OPSD's output directory, replaced on every run (default: runs/toy-demo/<references>)")
-    parser.add_argument("--seed", type=common.count, default=0, help="OPSD seed")
+    parser.add_argument("command", nargs="?", choices=["run", "prepare", *SCRIPTS], default="run",
+                        help="run: prepare if needed, then OPSD; prepare: (re)build the world; a script: run it here")
+    parser.add_argument("--references", choices=sorted(REFERENCES), default="own", help="the reference solutions' style")
+    parser.add_argument("--cache", default=None, help="where the world lives (default: $OPSD_TOY_CACHE, else toy_cache/)")
+    parser.add_argument("--steps", type=plumbing.positive_int, default=None, help="demo: OPSD steps (default 150)")
+    parser.add_argument("--out-dir", default=None, help="demo: OPSD's out dir, replaced (runs/toy-demo/<references>)")
+    parser.add_argument("--seed", type=plumbing.count, default=0, help="demo: OPSD's seed")
     parser.add_argument("--quick", action="store_true", help="a tiny end-to-end version (CI): small model, few steps")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SCRIPTS:  # the toy's own options are --references and --cache; the rest are the script's
+        parser = argparse.ArgumentParser(add_help=False)
+        parser.add_argument("command"), parser.add_argument("--references", choices=sorted(REFERENCES), default="own")
+        parser.add_argument("--cache", default=None)
+    args, rest = parser.parse_known_args(argv)
     if args.cache:
-        os.environ["OPSD_TOY_CACHE"] = os.path.abspath(args.cache)  # read by common.toy_paths, in every script's preset too
-    tiny = dict(target=0.0, check_every=20, max_steps=60, n_train=256, n_validation=32, n_test=32, hidden=64, layers=2) if args.quick else {}
+        os.environ["OPSD_TOY_CACHE"] = os.path.abspath(args.cache)  # read by paths()
+    if args.command in SCRIPTS:  # the script's own flags come after the toy settings, and win
+        p = paths(args.references)
+        if not os.path.exists(os.path.join(p["warm"], "config.json")) and "--model" not in rest:
+            raise prompts.UserError(f"no toy warm start at {p['warm']}; build it once with `python toy.py prepare "
+                                    f"--references {args.references}` (a few minutes on 2 cores)")
+        return SCRIPTS[args.command].main(script_argv(args.command, args.references) + rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    tiny = dict(target=0.0, check_every=20, max_steps=60, n_train=256, n_validation=32, n_test=32, hidden=64,
+                layers=2) if args.quick else {}
     if args.command == "prepare":
         prepare(args.references, **tiny)
         return None
@@ -303,13 +362,13 @@ def main(argv=None):
     before = accuracy(p["warm"], p["test"])
     teacher = accuracy(p["warm"], p["test"], teacher_context="solution")
     print(f"toy: warm start: student {before:.1%}, teacher (reference in context) {teacher:.1%}", flush=True)
-    steps = args.steps or (4 if args.quick else common.TOY["opsd"]["max_steps"])
-    preset = "toy" if args.references == "own" else f"toy-{args.references}"
+    steps = args.steps or (4 if args.quick else PRESETS["opsd"]["max_steps"])
     extra = ["--batch-size", "8", "--micro-batch-size", "8"] if args.quick else []
-    # the demo's own out dir, replaced each time (--overwrite): `opsd.py --preset toy` writes elsewhere
-    summary = opsd.main(["--preset", preset, "--max-steps", str(steps), "--out-dir", out_dir, "--overwrite", "--eval-every", "0",
-                         "--seed", str(args.seed), "--save-every", str(steps)] + extra)
-    after = accuracy(p["warm"], p["test"], adapter=common.follow_latest(out_dir))
+    # the demo's own out dir, replaced each time (--overwrite): `python toy.py opsd` writes elsewhere
+    summary = opsd.main(script_argv("opsd", args.references) + [
+        "--max-steps", str(steps), "--out-dir", out_dir, "--overwrite", "--eval-every", "0", "--seed", str(args.seed),
+        "--save-every", str(steps), "--progress-bar"] + extra)
+    after = accuracy(p["warm"], p["test"], adapter=plumbing.follow_latest(out_dir))
     result = {"student_before": before, "student_after": after, "teacher": teacher, "steps": steps,
               "generated_tokens": summary["generated_tokens_total"], "seconds": time.time() - t0}
     print(f"\nheld-out greedy accuracy ({len(prompts.load_records(p['test']))} problems, {args.references} references)\n"
@@ -321,4 +380,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    plumbing.run_script(main)

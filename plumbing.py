@@ -1,0 +1,549 @@
+"""
+The run plumbing the scripts share: the part a reader can skip. No algorithm lives here; opsd.py, grpo.py,
+sft.py and eval.py hold theirs. It imports prompts.py only.
+
+  1. options: the option groups every training script has, presets, and the checks that run before any
+     model loads (a bad option costs a second, not a model load);
+  2. the out dir: one run per directory (a lock), never a silent reuse of an earlier run's;
+  3. logging: one line per step (or a progress bar) and log.jsonl; JSON-lines files that a resume cuts back;
+  4. checkpoints: their layout, atomic writes, rotation that spares the newest and the best, and the checks
+     that a --resume continues the same script with the same settings;
+  5. the run: Run ties 2-4 together (start, restore, log, evaluate, end_step, finish); run_script makes
+     every user error one line and exit 2, and Ctrl-C a saved step and exit 130.
+"""
+import argparse
+import errno
+import fcntl
+import fnmatch
+import glob
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import prompts
+from prompts import UserError
+
+# -----------------------------------------------------------------------------
+# 1. options
+
+
+def bounded(kind, low, high=None, low_open=False):
+    """An argparse type: a finite `kind` (int or float) in [low, high], or (low, high] with low_open."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if not math.isfinite(value) or (value <= low if low_open else value < low) or (high is not None and value > high):
+            interval = f"{'(' if low_open else '['}{low}, {'inf' if high is None else high}]"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # what argparse prints as the expected type
+    return parse
+
+
+positive_int, count = bounded(int, 1), bounded(int, 0)
+fraction, nonnegative = bounded(float, 0.0, 1.0), bounded(float, 0.0)
+positive_float, probability = bounded(float, 0.0, low_open=True), bounded(float, 0.0, 1.0, low_open=True)
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # every linear layer of a Qwen3 block
+
+
+def parse_config(parser, argv=None, implied=None):
+    """Parse argv over the chosen preset over the defaults. The preset is applied before the real parse, so
+    `--preset X --help` shows the values the run will use; `implied` {option: {other: value}} sets what an option
+    implies before the checks see it. args._defaults keeps the plain defaults: a setting an older checkpoint lacks
+    is no change if it is at its default."""
+    defaults = {action.dest: action.default for action in parser._actions}
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--preset", choices=sorted(parser.presets) or None, default=None)
+    chosen, _ = first.parse_known_args(argv)
+    if chosen.preset:
+        parser.set_defaults(**parser.presets[chosen.preset])
+    args = parser.parse_args(argv)
+    for option, values in (implied or {}).items():
+        if getattr(args, option):
+            vars(args).update(values)
+    check_model_path(args.model)
+    if os.path.exists(getattr(args, "out_dir", "")) and not os.path.isdir(args.out_dir):
+        raise UserError(f"--out-dir {args.out_dir}: a file, not a directory")
+    if getattr(args, "eval_every", 0) and not args.eval_data:
+        raise UserError("--eval-every needs --eval-data (the problems to evaluate on)")
+    if getattr(args, "full_finetune", False) and args.sampler == "vllm":
+        raise UserError("--sampler vllm needs LoRA: vLLM has no public API to load new full weights; use --sampler hf")
+    if "lm_head" in getattr(args, "lora_targets", "").split(","):
+        raise UserError("--lora-targets: lm_head cannot carry an adapter here (the loss multiplies by its base weight)")
+    args._defaults = defaults
+    return args
+
+
+def check_model_path(path, option="--model"):
+    # "org/name" is an HF id; anything else is a local directory, and a missing one must not reach transformers,
+    # whose message for it is about repo id characters
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", path) or os.path.exists(path) or path.startswith("."):
+        if not os.path.isdir(path):
+            raise UserError(f"{option} {path}: no such directory (and not a Hugging Face id like Qwen/Qwen3-1.7B)")
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise UserError(f"{option} {path}: no config.json there (not a model directory)")
+
+
+def request_seed(*key):
+    """A seed from a key (the run's seed, the step, the problem): a request's samples depend on nothing else, not
+    on what was sampled before it in the process, nor on which other requests share its call."""
+    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=4).digest(), "big") % 2**30
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+# -----------------------------------------------------------------------------
+# 2. the out dir: a second live run is refused (a lock), and so is a new run in a directory an earlier run
+# wrote, unless it continues it (--resume) or replaces it (--overwrite). A run that never completed a
+# checkpoint has nothing to continue: it is started again.
+
+RUN_FILES = ("checkpoint-*", "latest", "best", "log.jsonl*", "rollouts*.jsonl*", "vllm_adapters", "samples*.jsonl",
+             "samples.settings.json", "summary.json", "curve.*", ".lock")  # --overwrite deletes these, nothing else
+LEFTOVERS = ("log.jsonl*", "rollouts*.jsonl*", "checkpoint-*.tmp", "vllm_adapters")  # a run killed before its first save
+
+
+def claim_out_dir(out_dir, continuing, overwrite, master=True):
+    """Apply the rule above (every rank); on rank 0 lock out_dir for this process (the lock dies with it,
+    kill -9 included) and carry out --overwrite. Returns the open lock file, to keep."""
+    lock = None
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(os.path.join(out_dir, ".lock"), "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise UserError(f"--out-dir {out_dir}: another run is writing there (pid {lock.read().strip() or '?'})") \
+                from None
+    left = [e for e in sorted(os.listdir(out_dir)) if e != ".lock"] if os.path.isdir(out_dir) else []
+    matches = lambda patterns: all(any(fnmatch.fnmatch(e, p) for p in patterns) for e in left)  # noqa: E731
+    unfinished = left and not continuing and matches(LEFTOVERS)
+    if left and (overwrite or unfinished):
+        if not matches(RUN_FILES):
+            raise UserError(f"--overwrite: {out_dir} holds files no run of ours wrote "
+                            f"({', '.join(e for e in left if not any(fnmatch.fnmatch(e, p) for p in RUN_FILES))}); "
+                            "clear it by hand or pick another --out-dir")
+        for entry in left if master else []:
+            path = os.path.join(out_dir, entry)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        print0(f"--out-dir {out_dir}: " + ("deleted the earlier run" if overwrite else
+               f"the earlier run there never completed a checkpoint ({', '.join(left[:3])}): starting it again"))
+    elif left and not continuing:
+        raise UserError(f"--out-dir {out_dir} holds an earlier run ({', '.join(left[:4])}{', ...' * (len(left) > 4)}); "
+                        f"continue it with --resume {out_dir}, replace it with --overwrite, or pick another --out-dir")
+    if master:
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+    return lock
+
+# -----------------------------------------------------------------------------
+# 3. logging
+
+
+def no_space(path, error):
+    """A full disk as one line that names the directory, instead of torch's `basic_ios::clear` traceback."""
+    full = getattr(error, "errno", None) == errno.ENOSPC or any(
+        s in str(error) for s in ("No space left", "iostream error", "unexpected pos", "file write failed"))
+    if not full and os.path.exists(path):
+        full = shutil.disk_usage(path).free < 2**20
+    return UserError(f"{path}: no space left on the device ({type(error).__name__}: {str(error)[:120]})") if full else None
+
+
+class JsonlFile:
+    """Append-only JSON lines with a `step` field, flushed per write. On a resume from step s the rows of later
+    steps (about to be written again) and a last line cut short by a crash are dropped first."""
+
+    def __init__(self, path, resume_step=None):
+        self.path = path
+        if resume_step is not None and os.path.exists(path):
+            rows, _ = prompts.read_jsonl(path, torn_tail_ok=True)
+            with open(path + ".tmp", "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows if row["step"] <= resume_step)
+            os.replace(path + ".tmp", path)  # atomic: a crash here keeps the old file
+        self.file = open(path, "a")
+
+    def write(self, *rows):
+        try:
+            self.file.writelines(json.dumps(row) + "\n" for row in rows)
+            self.file.flush()
+        except OSError as e:
+            raise no_space(os.path.dirname(self.path), e) or e
+
+
+def gather(values, world, device):
+    """{name: (value, "sum" | "mean")} over ranks in one all-reduce and one host sync -> {name: float}."""
+    tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v, _ in values.values()])
+    if world > 1:
+        dist.all_reduce(tensor)
+        tensor /= torch.tensor([world if how == "mean" else 1 for _, how in values.values()], device=device)
+    return dict(zip(values, tensor.tolist()))
+
+# -----------------------------------------------------------------------------
+# 4. checkpoints. The layout, in one place: OUT/checkpoint-NNNNNN/ holds the weights (a PEFT adapter,
+# adapter_model.safetensors + adapter_config.json, loadable by PeftModel.from_pretrained and vLLM's LoRARequest;
+# or a full model, model*.safetensors + config.json), the tokenizer, trainer_state.pt (optimizer, schedule, step,
+# the script's own state), rng_rank<R>.pt per rank, and run.json (the script and its settings). OUT/latest and
+# OUT/best name a checkpoint. Each is written to checkpoint-NNNNNN.tmp and renamed: complete or absent.
+
+CHECKPOINT = "checkpoint-{:06d}"
+# settings a resumed run may change: where and how often it writes, how it is split into jobs, speed knobs that
+# leave the math unchanged; every other option must match the checkpoint's
+RESUMABLE_CHANGES = {"resume", "stop_after", "out_dir", "overwrite", "wandb", "save_every", "keep", "eval_every",
+                     "eval_data", "eval_samples", "eval_temperature", "eval_max_new_tokens", "micro_batch_size", "chunk_size", "sampler",
+                     "vllm_gpu_memory", "vllm_sleep", "grad_checkpointing", "preset", "compile", "progress_bar",
+                     "save_rollouts_every"}
+
+
+def checkpoint_step(path):
+    match = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(os.path.normpath(path)))
+    return int(match.group(1)) if match else None
+
+
+def weights_file(path):
+    adapter = os.path.join(path, "adapter_model.safetensors")
+    return adapter if os.path.exists(adapter) else next(iter(sorted(glob.glob(os.path.join(path, "model*.safetensors")))),
+                                                        adapter)
+
+
+def is_complete(path):
+    return all(os.path.exists(os.path.join(path, f)) for f in ("run.json", "trainer_state.pt", "rng_rank0.pt")) and \
+        os.path.exists(weights_file(path))
+
+
+def complete_checkpoints(out_dir):
+    return sorted((p for p in glob.glob(os.path.join(out_dir, "checkpoint-*[0-9]")) if is_complete(p)),
+                  key=checkpoint_step)
+
+
+def named(out_dir, name):
+    """The checkpoint OUT/latest or OUT/best names, or None."""
+    path = os.path.join(out_dir, name)
+    return os.path.join(out_dir, open(path).read().strip()) if os.path.exists(path) else None
+
+
+def point(out_dir, name, checkpoint):
+    with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
+        f.write(os.path.basename(checkpoint))
+    os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))  # never an empty file
+
+
+def follow_latest(path, option="--resume"):
+    """An out dir stands for its latest checkpoint; anything else for itself. An empty or dangling `latest`
+    (a crash, a copy) falls back to the newest complete checkpoint, with a note."""
+    if not os.path.exists(os.path.join(path, "latest")) and checkpoint_step(path) is not None:
+        return path
+    latest = named(path, "latest")
+    if latest and checkpoint_step(latest) is not None and is_complete(latest):
+        return latest
+    complete = complete_checkpoints(path)
+    if not complete:
+        return path  # not an out dir with checkpoints: the caller says what is missing
+    why = f"`latest` names {os.path.basename(latest)}, which is missing or incomplete" if latest else "has no `latest`"
+    print0(f"{option} {path}: {why}; using the newest complete checkpoint, {os.path.basename(complete[-1])}")
+    return complete[-1]
+
+
+def read_checkpoint(args, script):
+    """--resume: find the checkpoint and check that this script wrote it with the same settings and that its files
+    are readable, all before any model loads. Returns (path, trainer state, this rank's RNG state), or None for
+    an out dir whose run never completed a checkpoint (it starts again from step 0)."""
+    path = follow_latest(args.resume)
+    if not os.path.exists(os.path.join(path, "run.json")):
+        if glob.glob(os.path.join(args.resume, "log.jsonl")) or glob.glob(os.path.join(args.resume, "checkpoint-*.tmp")):
+            print0(f"--resume {args.resume}: the run there never completed a checkpoint; starting it from step 0")
+            return None
+        raise UserError(f"--resume {args.resume}: no checkpoint there (no run.json; not a checkpoint dir, nor an out dir "
+                        "with one)")
+    with open(os.path.join(path, "run.json")) as f:
+        saved = json.load(f)
+    if saved["script"] != script:
+        raise UserError(f"--resume {path}: written by {saved['script']}.py, not {script}.py")
+    settings = saved["settings"]
+    saved_value = lambda k: settings.get(k, args._defaults.get(k))  # noqa: E731 (one an older version lacked: its default)
+    changed = {k: (saved_value(k), v) for k, v in settings_of(args).items() if k not in RESUMABLE_CHANGES and
+               saved_value(k) != v}
+    if changed:
+        raise UserError(f"--resume {path}: written with other settings: " + "; ".join(
+            f"--{k.replace('_', '-')} was {old!r}, now {new!r}" for k, (old, new) in changed.items()))
+    states = []
+    for file in ("trainer_state.pt", f"rng_rank{int(os.environ.get('RANK', 0))}.pt", os.path.basename(weights_file(path))):
+        try:
+            if file.endswith(".safetensors"):
+                from safetensors import safe_open
+                with safe_open(os.path.join(path, file), "pt"):  # reads the header: a truncated file fails here
+                    continue
+            states.append(torch.load(os.path.join(path, file), map_location="cpu", weights_only=False))
+        except Exception as e:  # a missing, truncated or corrupt file: all mean "unreadable"
+            earlier = [p for p in complete_checkpoints(os.path.dirname(path)) if checkpoint_step(p) < checkpoint_step(path)]
+            offer = f"; resume from the one before it: --resume {earlier[-1]}" if earlier else ""
+            raise UserError(f"--resume: {os.path.join(path, file)} is unreadable ({type(e).__name__}: "
+                            f"{str(e)[:200]}){offer}") from e
+    return path, states[0], states[1]
+
+
+def settings_of(args):
+    return {k: v for k, v in vars(args).items() if not k.startswith("_")}
+
+
+def load_weights(path, model):
+    """A checkpoint's weights into `model` (a PEFT model: the adapter; else every weight). A full model may miss
+    only tied weights (saved once); any other missing or unexpected key is an error naming it."""
+    from safetensors.torch import load_file
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+        return set_peft_model_state_dict(model, load_file(weights_file(path)))
+    state = {}
+    for file in glob.glob(os.path.join(path, "model*.safetensors")):
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = getattr(model, "_tied_weights_keys", None) or []
+    tied = tied if isinstance(tied, (list, tuple, set)) else list(tied)  # a dict in newer transformers
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise UserError(f"{path}: the weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def rng_state():
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+# -----------------------------------------------------------------------------
+# 5. the run
+
+
+class Run:
+    """One training run's out dir, log and checkpoints. Created after the data loads and before the model does:
+    every check (--eval-data, --resume, --out-dir) has run by then."""
+
+    def __init__(self, args, script, rank, world, device):
+        self.args, self.script, self.rank, self.world, self.device, self.master = args, script, rank, world, device, rank == 0
+        if args.batch_size % world:
+            raise UserError(f"--batch-size {args.batch_size} must be divisible by the number of ranks ({world})")
+        self.eval_records = prompts.load_records(args.eval_data, None, require=("problem", "answer")) \
+            if args.eval_every else None
+        self.checkpoint = read_checkpoint(args, script) if args.resume else None
+        continuing = bool(self.checkpoint) and os.path.abspath(os.path.dirname(self.checkpoint[0])) == \
+            os.path.abspath(args.out_dir)
+        self.lock = claim_out_dir(args.out_dir, continuing or bool(args.resume), args.overwrite, self.master)
+        if world > 1:
+            dist.barrier()  # rank 0 has carried out --overwrite before anyone writes
+        self.start_step, self.last_saved, self.best, self.bar, self.wandb = 0, None, None, None, None
+
+    def restore(self, model, optimizer, scheduler, total_steps):
+        """The checkpoint's weights, optimizer, schedule and RNG on --resume (returns the script's saved state), or
+        per-rank seeds on a fresh run (returns {}); then open the log."""
+        args, state, self.total_steps = self.args, {}, total_steps
+        if self.checkpoint:
+            path, state, rng = self.checkpoint
+            if os.path.abspath(os.path.dirname(path)) == os.path.abspath(args.out_dir) and self.master:
+                for later in glob.glob(os.path.join(args.out_dir, "checkpoint-*[0-9]")):  # an abandoned continuation
+                    if checkpoint_step(later) > state["step"]:
+                        print0(f"--resume: deleting {later}, written after the resumed step")
+                        shutil.rmtree(later)
+            load_weights(path, model)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            random.setstate(rng["python"])
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            self.start_step = self.last_saved = state["step"]
+            self.best = state.get("best")
+            print0(f"resumed from {path} at step {self.start_step}")
+        else:
+            torch.manual_seed(args.seed + 1 + self.rank)  # from here on each rank draws differently (dropout)
+            random.seed(args.seed + 1 + self.rank)
+        for partial in glob.glob(os.path.join(args.out_dir, "checkpoint-*.tmp")) if self.master else []:
+            shutil.rmtree(partial)  # a save killed midway
+        self.resume_step = self.start_step if args.resume else None  # JSON-lines files are cut back to it
+        self.log_file = JsonlFile(os.path.join(args.out_dir, "log.jsonl"), self.resume_step) if self.master else None
+        if self.master and args.progress_bar:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=self.start_step, desc=self.script, dynamic_ncols=True)
+        if self.master and args.wandb:
+            try:
+                import wandb
+                self.wandb = wandb.init(project=args.wandb, config=settings_of(args))
+            except ImportError:
+                print("--wandb given but wandb is not installed: logging to log.jsonl only")
+        STOP.requested, STOP.graceful, STOP.saved = False, True, self.last_saved
+        self.print(f"{self.script}: writing to {os.path.abspath(args.out_dir)} (log.jsonl, checkpoint-NNNNNN)")
+        return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "step", "best")}
+
+    def print(self, line):
+        if self.master:
+            self.bar.write(line) if self.bar else print(line, flush=True)
+
+    def log(self, record, line):
+        """A step's record to log.jsonl (and wandb), and its line to stdout (or the progress bar's postfix)."""
+        if not self.master:
+            return
+        self.log_file.write(record)
+        if self.wandb:
+            self.wandb.log(record, step=record["step"])
+        if self.bar and "eval" not in record:
+            self.bar.update(record["step"] - self.bar.n)
+            self.bar.set_postfix_str(line.split(" | ", 1)[-1][:80])
+        else:
+            self.print(line)
+
+    def eval_due(self, step, total_steps):
+        return self.args.eval_every > 0 and ((step + 1) % self.args.eval_every == 0 or step + 1 == total_steps)
+
+    def evaluate(self, step, sampler, tokenizer, *, thinking, adapter=None):
+        """The periodic eval: --eval-samples samples per --eval-data problem from the current weights (`adapter`:
+        where vLLM reads them), graded; logged as a record. A new best score makes this step's checkpoint `best`."""
+        args, records = self.args, self.eval_records[self.rank::self.world]
+        sampling = dict(max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens, temperature=args.eval_temperature,
+                        top_p=1.0, top_k=0)
+        rows = graded_samples(tokenizer, records, sampler, args.eval_samples, sampling, thinking, args.seed, adapter)
+        totals = gather({"correct": (sum(r["correct"] for r in rows), "sum"), "samples": (len(rows), "sum"),
+                         "length": (sum(r["length"] for r in rows), "sum")}, self.world, self.device)
+        summary = {"avg": totals["correct"] / totals["samples"], "mean_length": totals["length"] / totals["samples"],
+                   "problems": len(self.eval_records), "samples": int(totals["samples"])}
+        if self.best is None or summary["avg"] > self.best["avg"]:
+            self.best = {"avg": summary["avg"], "step": step}
+        self.log({"step": step, "eval": summary}, f"eval at step {step}: avg {summary['avg']:.4f} over "
+                 f"{summary['problems']} problems (best {self.best['avg']:.4f} at step {self.best['step']})")
+        return summary
+
+    def end_step(self, step, model, tokenizer, optimizer, scheduler, state, stop=False):
+        """After step `step` (0-based): checkpoint every --save-every steps, at the end, at --stop-after, on Ctrl-C,
+        when the script says `stop`, and at a new best eval. True when the loop stops here."""
+        requested = torch.tensor(float(STOP.requested), device=self.device)
+        if self.world > 1:
+            dist.all_reduce(requested, op=dist.ReduceOp.MAX)  # every rank stops after the same step
+        self.interrupted = bool(requested.item())
+        stop = stop or self.interrupted or step + 1 == self.args.stop_after
+        best = self.best is not None and self.best["step"] == step + 1
+        if (step + 1) % self.args.save_every == 0 or step + 1 == self.total_steps or stop or best:
+            self.save(step + 1, model, tokenizer, optimizer, scheduler, state)
+        return stop
+
+    def save(self, step, model, tokenizer, optimizer, scheduler, state):
+        """Write checkpoint `step` (the layout above), point `latest` (and `best`) at it, and delete older ones
+        beyond --keep, never the best. A full disk is one line; the partial checkpoint is removed."""
+        out_dir, path = self.args.out_dir, os.path.join(self.args.out_dir, CHECKPOINT.format(step))
+        tmp = path + ".tmp"
+        try:
+            if self.master:
+                shutil.rmtree(tmp, ignore_errors=True)
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "best": self.best, **state}, os.path.join(tmp, "trainer_state.pt"))
+                with open(os.path.join(tmp, "run.json"), "w") as f:
+                    json.dump({"script": self.script, "step": step, "settings": settings_of(self.args)}, f, indent=1)
+            if self.world > 1:
+                dist.barrier()
+            torch.save(rng_state(), os.path.join(tmp, f"rng_rank{self.rank}.pt"))
+        except Exception as e:  # torch, safetensors and the OS each raise their own kind for a full disk
+            error = no_space(out_dir, e)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if error:
+                raise UserError(f"{error} while writing {os.path.basename(path)}; removed it. The previous checkpoint "
+                                f"is intact: free some space and continue with --resume {out_dir}") from e
+            raise
+        if self.world > 1:
+            dist.barrier()
+        if self.master:
+            shutil.rmtree(path, ignore_errors=True)
+            os.rename(tmp, path)
+            point(out_dir, "latest", path)
+            if self.best is not None and self.best["step"] == step:
+                point(out_dir, "best", path)
+            spared = {os.path.abspath(p) for p in (path, named(out_dir, "best")) if p}
+            older = [p for p in complete_checkpoints(out_dir) if checkpoint_step(p) < step and os.path.abspath(p) not in spared]
+            for old in older[:max(0, len(older) - (self.args.keep - 1))]:
+                shutil.rmtree(old)
+        if self.world > 1:
+            dist.barrier()
+        self.last_saved = STOP.saved = step
+        return path
+
+    def finish(self, sampler):
+        """Shut the sampler down (vLLM needs the process group still alive), then the process group; say where the
+        run is. A run stopped by Ctrl-C ends as interrupted (exit 130), its step saved."""
+        if sampler is not None:
+            sampler.close()
+        STOP.graceful = False
+        if self.bar:
+            self.bar.close()
+        if self.world > 1 and dist.is_initialized():  # (a vLLM engine's teardown may have destroyed it already)
+            dist.destroy_process_group()
+        where = os.path.join(self.args.out_dir, CHECKPOINT.format(self.last_saved)) if self.last_saved else "none"
+        print0(f"{self.script}: log {os.path.join(self.args.out_dir, 'log.jsonl')}, latest checkpoint {where}" +
+               (f", best {named(self.args.out_dir, 'best')} (avg {self.best['avg']:.4f})" if self.best else ""))
+        if getattr(self, "interrupted", False):
+            raise KeyboardInterrupt(f"stopped after step {self.last_saved}; continue with --resume {self.args.out_dir}")
+
+
+def graded_samples(tokenizer, records, sampler, n, sampling, thinking, seed, adapter=None, teacher_context=None):
+    """n samples per record in one sampler call, each graded against the record's answer (prompts.grade):
+    per record, a list of rows {completion, extracted, correct, length}. A record's samples depend only on the
+    seed and the record (request_seed), so a resumed evaluation samples what the uninterrupted one did."""
+    if teacher_context is None:
+        prompt_ids = [prompts.student_prompt_ids(tokenizer, r["problem"], thinking) for r in records]
+    else:
+        prompt_ids = [prompts.teacher_prompt_ids(tokenizer, r, thinking, teacher_context) for r in records]
+    seeds = [request_seed(seed, r.get("benchmark", "data"), r["id"]) for r in records]
+    rows = []
+    for record, samples in zip(records, sampler.generate(prompt_ids, n, sampling, seeds, adapter)):
+        for sample in samples:
+            # the whole completion, thinking included, is graded: the answer is its last box
+            text = tokenizer.decode(sample.ids, skip_special_tokens=True)
+            rows.append({"completion": text, "extracted": prompts.extract_boxed(text),
+                         "correct": prompts.grade(text, record["answer"]), "length": len(sample.ids)})
+    return rows
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM (a cluster's time limit). While a training loop runs (`graceful`), the first
+    lets the step finish and be saved before the run stops; the second, or any outside a loop, stops at once."""
+
+    def __init__(self):
+        self.requested = self.graceful = False
+        self.saved = None
+
+    def handle(self, signum, frame):
+        if self.requested or not self.graceful:
+            intact = f"checkpoint-{self.saved:06d} is intact" if self.saved else "no checkpoint was written yet"
+            raise KeyboardInterrupt(f"stopped mid-step; {intact}" if self.graceful else "")
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving and stopping (again to stop now)",
+              flush=True)
+
+
+STOP = StopRequest()
+
+
+def run_script(main):
+    """The __main__ of every script: a user error (bad option, file, record or checkpoint, a full disk) is one line
+    on stderr and exit status 2; Ctrl-C is one line and 130. Anything else is a bug and keeps its traceback."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, STOP.handle)
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt as e:
+        print(f"interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr, flush=True)
+        sys.exit(130)
