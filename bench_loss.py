@@ -3,7 +3,7 @@ Time and peak memory of OPSD's loss, forward + backward w.r.t. the student's hid
 
 The floor is the three matrix products every chunked JSD must do, chunk by chunk: the student's logits, the teacher's
 logits, and the gradient w.r.t. the student's hidden states (the lm_head is frozen, as under LoRA). The variants:
-  floor     those three GEMMs alone, at the same chunk size;
+  floor     those three GEMMs alone, at the same chunk size, into outputs allocated once;
   eager     opsd.chunked_loss_backward with opsd.opsd_token_loss, the per-token loss and its gradient in eager PyTorch;
   compiled  the same with the per-token loss and its gradient in torch.compile (what the scripts run by default);
   naive     the official code's way: both T x V logit matrices at once, the JSD over (T, V), mean, backward;
@@ -67,13 +67,16 @@ def make_inputs(T, H, V, seed):
 
 
 def floor(hidden, teacher_hidden, weight, targets, args):
-    """The three GEMMs per chunk, and nothing else."""
+    """The three GEMMs per chunk and nothing else, into outputs allocated once (as fast as the three can be done)."""
     grad = torch.empty_like(hidden)
-    for start in range(0, len(targets), args.chunk_size):
-        rows = slice(start, start + args.chunk_size)
-        student_logits, teacher_logits = hidden[rows] @ weight.T, teacher_hidden[rows] @ weight.T
-        grad[rows] = student_logits @ weight  # a (C, V) @ (V, H) product, as grad_logits @ W
-        del teacher_logits
+    student_logits, teacher_logits = (torch.empty(args.chunk_size, weight.shape[0]) for _ in range(2))
+    with torch.no_grad():
+        for start in range(0, len(targets), args.chunk_size):
+            rows = slice(start, start + args.chunk_size)
+            n = len(targets[rows])
+            torch.mm(hidden[rows], weight.T, out=student_logits[:n])
+            torch.mm(teacher_hidden[rows], weight.T, out=teacher_logits[:n])
+            torch.mm(student_logits[:n], weight, out=grad[rows])  # a (C, V) @ (V, H) product, as grad_logits @ W
     hidden.backward(grad)  # a leaf: only stores it
     return torch.zeros(())
 
@@ -82,8 +85,8 @@ def ours(hidden, teacher_hidden, weight, targets, args, compile):
     token_weights = torch.full((len(targets),), 1.0 / len(targets))  # the mean over positions
     loss_grad = ours.cache.setdefault(compile, opsd.loss_and_gradient(
         lambda s, t, y: opsd.opsd_token_loss(s, t, y, beta=args.beta), compile=compile))
-    return opsd.chunked_loss_backward(hidden, teacher_hidden, weight, weight, targets, token_weights, loss_grad,
-                                      args.chunk_size)[0]
+    return opsd.chunked_loss_backward(hidden, teacher_hidden, weight, None, targets, token_weights, loss_grad,
+                                      args.chunk_size)[0]  # the teacher's head is the student's, as under LoRA
 
 
 ours.cache = {}
@@ -99,12 +102,12 @@ def naive(hidden, teacher_hidden, weight, targets, args):
 
 
 def liger(hidden, teacher_hidden, weight, targets, args, chunk_size):
-    """Liger's fused linear JSD: its beta weighs the same way as ours (checked below against eager's loss); it takes
-    the student's and the teacher's inputs and heads and averages over positions."""
+    """Liger's fused linear JSD, its distillation term alone (no hard loss): beta=0 is KL(p_T || p_S) and m =
+    beta p_T + (1 - beta) p_S there too, checked below (its loss must equal eager's); it averages over positions."""
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
     if not hasattr(liger, "loss"):
-        liger.loss = LigerFusedLinearJSDLoss(beta=args.beta, ignore_index=-100, temperature=1.0, compiled=True,
-                                             chunk_size=chunk_size)
+        liger.loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=args.beta,
+                                             temperature=1.0, compiled=True, chunk_size=chunk_size)
     loss = liger.loss(hidden, weight, teacher_hidden, weight, targets)
     loss.backward()
     return loss
@@ -121,7 +124,7 @@ def run_variant(args):
         t0 = time.perf_counter()
         loss = fn(hidden, teacher_hidden, weight, targets, args)
         times.append(time.perf_counter() - t0)
-        result = {"loss": float(loss), "grad": hidden.grad}
+        result = {"loss": loss.item(), "grad": hidden.grad}
     torch.save({**result, "times": times, "baseline_gb": baseline, "peak_gb": peak_rss_gb()}, args.result)
 
 

@@ -70,10 +70,10 @@ def token_logprobs(hidden, head, targets, temperature):
     return (opsd.upcast(hidden @ head.T) / temperature).log_softmax(-1).gather(-1, targets[:, None])[:, 0]
 
 
-def rollout_logprobs(hidden, head, targets, temperature, chunk_size):
-    """token_logprobs for all N rows, chunk_size rows at a time; each chunk's (C, V) logits are recomputed in the
-    backward pass (checkpoint) instead of kept, so only one chunk's exist at a time. (N,)"""
-    return torch.cat([checkpoint(token_logprobs, hidden[i:i + chunk_size], head, targets[i:i + chunk_size], temperature,
+def rollout_logprobs(hidden, head, targets, temperature, chunk_size, logprobs=token_logprobs):
+    """`logprobs` (token_logprobs, or its compiled form) for all N rows, chunk_size rows at a time; each chunk's (C, V)
+    logits are recomputed in the backward pass (checkpoint) instead of kept, so one chunk's exist at a time. (N,)"""
+    return torch.cat([checkpoint(logprobs, hidden[i:i + chunk_size], head, targets[i:i + chunk_size], temperature,
                                  use_reentrant=False) for i in range(0, len(targets), chunk_size)])
 
 
@@ -128,6 +128,7 @@ def main(argv=None):
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     top_k=args.sampling_top_k)
     temperature, per_rank = args.temperature or 1.0, args.batch_size // world
+    logprobs = opsd.compiled(token_logprobs, args.compile)
     n_rollouts = per_rank * args.group_size  # sequences per rank per step
     run.print(f"{len(records)} problems | {total_steps} steps x {args.batch_size} problems x {args.group_size} rollouts "
               f"({world} ranks x {n_rollouts} sequences) | {sum(p.numel() for p in params):,} trainable parameters | "
@@ -161,11 +162,11 @@ def main(argv=None):
             with torch.no_grad(), opsd.autocast(device, dtype):
                 if args.ppo_epochs > 1:
                     given["old_logp"] = rollout_logprobs(opsd.completion_hidden(model, b), opsd.lm_parts(model)[1],
-                                                         b["targets"], temperature, args.chunk_size)
+                                                         b["targets"], temperature, args.chunk_size, logprobs)
                 if args.kl_beta > 0:
                     with model.disable_adapter():
                         given["ref_logp"] = rollout_logprobs(opsd.completion_hidden(model, b), opsd.lm_parts(model)[1],
-                                                             b["targets"], temperature, args.chunk_size)
+                                                             b["targets"], temperature, args.chunk_size, logprobs)
             fixed.append(given)
         # 8. update: ppo_epochs optimizer steps on the same rollouts (the clip binds from the second on)
         stats, losses, grad_norms = {"clipped": 0.0, "kl": 0.0}, [], []
@@ -174,7 +175,7 @@ def main(argv=None):
             for b, given in zip(micro_batches, fixed):
                 with opsd.autocast(device, dtype):
                     logp = rollout_logprobs(opsd.completion_hidden(model, b), opsd.lm_parts(model)[1], b["targets"],
-                                            temperature, args.chunk_size)  # (N,), with grad
+                                            temperature, args.chunk_size, logprobs)  # (N,), with grad
                     out = grpo_token_loss(logp, given["advantages"], given.get("old_logp"), given.get("ref_logp"),
                                           args.ppo_clip_eps, args.kl_beta)
                     part_loss = (out["loss"] * given["weights"]).sum()

@@ -78,8 +78,8 @@ def model_options(parser, lora=True):
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="Qwen/Qwen3-1.7B", help="HF id or local directory of the base model")
     group.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="auto: bf16 on CUDA")
-    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the loss")
-    if lora:
+    if lora:  # the training scripts' options
+        group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the loss")
         group.add_argument("--lora-r", type=positive_int, default=64, help="LoRA rank")
         group.add_argument("--lora-alpha", type=positive_float, default=128, help="LoRA alpha")
         group.add_argument("--lora-dropout", type=fraction, default=0.0, help="LoRA dropout (0: sampling = scoring)")
@@ -88,7 +88,7 @@ def model_options(parser, lora=True):
         group.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
 
 
-def sampling_options(parser, temperature, max_new_tokens, gpu_memory):
+def sampling_options(parser, temperature, max_new_tokens, gpu_memory, training=True):
     group = parser.add_argument_group("sampling")
     group.add_argument("--sampler", choices=["auto", "hf", "vllm"], default="auto", help="auto: vLLM on GPU, else HF")
     group.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, help="rollout length limit")
@@ -98,8 +98,9 @@ def sampling_options(parser, temperature, max_new_tokens, gpu_memory):
     group.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=False, help="the student's Qwen3 "
                        "thinking mode")
     group.add_argument("--vllm-gpu-memory", type=probability, default=gpu_memory, help="GPU memory share for vLLM")
-    group.add_argument("--vllm-sleep", action=argparse.BooleanOptionalAction, default=True, help="vLLM sleeps while "
-                       "training runs (GPU)")
+    if training:
+        group.add_argument("--vllm-sleep", action=argparse.BooleanOptionalAction, default=True, help="vLLM sleeps "
+                           "while training runs (GPU)")
     group.add_argument("--seed", type=count, default=0, help="seed for init, data order and sampling")
     return group
 
@@ -514,39 +515,51 @@ def opsd_token_loss(student_logits, teacher_logits, targets, *, temperature=1.0,
     return {**out, "loss": divergence}
 
 
-def loss_and_gradient(token_loss, compile=True):
-    """f(student_logits, teacher_logits, targets, weights, *extras) -> (d loss / d student_logits, (loss, per-token
-    outputs)), loss = sum_n weights_n token_loss(...)["loss"]_n: one function, so torch.compile fuses the forward and
-    backward passes over the (C, V) logits. Eager, saying so, where compile fails (on CPU without a C++ compiler)."""
-    def weighted(student_logits, teacher_logits, targets, weights, *extras):
-        out = token_loss(student_logits, teacher_logits, targets, *extras)
-        return (out["loss"] * weights).sum(), {k: v.detach() for k, v in out.items()}
-    eager = torch.func.grad_and_value(weighted, has_aux=True)
-    compiled, chosen = torch.compile(eager), [] if compile else [eager]
+def compiled(fn, enabled=True):
+    """torch.compile(fn) (CPU: C++ from inductor; CUDA: Triton kernels), or fn itself where compile fails at its first
+    call (CPU without a C++ compiler), saying so once. Shapes that change get one more, dynamic, compile."""
+    compiled_fn, chosen = torch.compile(fn), [] if enabled else [fn]
 
     def call(*args):
         if not chosen:  # the first call compiles
             try:
-                return chosen.append(compiled) or compiled(*args)
+                return chosen.append(compiled_fn) or compiled_fn(*args)
             except Exception as e:
-                plumbing.print0(f"--compile: torch.compile failed here ({type(e).__name__}: {e}); the loss runs eager")
-                chosen[:] = [eager]
+                plumbing.print0(f"--compile: torch.compile failed here ({type(e).__name__}: {e}); running eager")
+                chosen[:] = [fn]
         return chosen[0](*args)
     return call
+
+
+def loss_and_gradient(token_loss, compile=True):
+    """f(student_logits, teacher_logits, targets, weights, *extras) -> (d loss / d student_logits, (loss, per-token
+    outputs)), loss = sum_n weights_n token_loss(...)["loss"]_n: one function, so torch.compile fuses the forward and
+    backward passes over the (C, V) logits."""
+    def weighted(student_logits, teacher_logits, targets, weights, *extras):
+        out = token_loss(student_logits, teacher_logits, targets, *extras)
+        return (out["loss"] * weights).sum(), {k: v.detach() for k, v in out.items()}
+    return compiled(torch.func.grad_and_value(weighted, has_aux=True), compile)
 
 
 def chunked_loss_backward(student_hidden, teacher_hidden, head, teacher_head, targets, weights, loss_grad, chunk_size,
                           extras=()):
     """The loss sum_n weights_n loss_n and its backward, chunk_size positions at a time: each chunk's (C, V) logits are
     made from the hidden states, scored, differentiated and freed (memory O(chunk x V), never T x V); the chunks'
-    gradients w.r.t. the student's hidden states then go back through the model in one backward. `extras`: more
+    gradients w.r.t. the student's hidden states then go back through the model in one backward. teacher_head None:
+    the student's head (LoRA), and both logits come from one GEMM on stacked hidden states. `extras`: more
     per-position tensors (N, ...) for the per-token loss. Returns (loss, per-token outputs, (N,) each)."""
     hidden = student_hidden.detach()
-    grad_hidden, total, outs = torch.zeros_like(hidden), 0.0, []
+    grad_hidden, total, outs, buffer = torch.zeros_like(hidden), 0.0, [], None
     for start in range(0, len(targets), chunk_size):
         rows = slice(start, start + chunk_size)
-        with torch.no_grad():
-            student_logits, teacher_logits = hidden[rows] @ head.T, teacher_hidden[rows] @ teacher_head.T  # (C, V)
+        n = len(targets[rows])
+        with torch.no_grad():  # into one buffer for every chunk: a fresh (2C, V) tensor each time costs page faults
+            if teacher_head is None:
+                stacked = torch.cat([hidden[rows], teacher_hidden[rows]])  # (2C, H)
+                buffer = stacked @ head.T if buffer is None else torch.mm(stacked, head.T, out=buffer[:2 * n])
+                student_logits, teacher_logits = buffer[:n], buffer[n:2 * n]  # (C, V) each
+            else:  # another head for the teacher (full fine-tuning's frozen or EMA copy)
+                student_logits, teacher_logits = hidden[rows] @ head.T, teacher_hidden[rows] @ teacher_head.T
         grad_logits, (loss, out) = loss_grad(student_logits, teacher_logits, targets[rows], weights[rows],
                                              *[e[rows] for e in extras])
         with torch.no_grad():
@@ -696,7 +709,8 @@ def main(argv=None):
             teacher_batch = build_batch(teacher_prompts[part], rollouts[part], tokenizer.pad_token_id, device)
             with torch.no_grad(), autocast(device, dtype), as_teacher(model, args.teacher_weights, teacher_copy):
                 teacher_hidden = completion_hidden(model, teacher_batch)  # (N, H)
-                teacher_head = lm_parts(model)[1].detach().clone()  # (V, H); a swapped-in copy is swapped back after
+                # a swapped-in copy's head (full fine-tuning) is swapped back after: keep this one; LoRA's is the student's
+                teacher_head = lm_parts(model)[1].detach().clone() if teacher_copy and args.full_finetune else None
             t1 = time.perf_counter()
             lengths = student_batch["lengths"].tolist()
             weights = torch.cat([torch.full((n,), 1 / (n * per_rank), device=device) for n in lengths])

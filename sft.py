@@ -66,11 +66,12 @@ def token_nll(hidden, head, targets):
     return F.cross_entropy(opsd.upcast(hidden @ head.T), targets, reduction="none")  # (C,)
 
 
-def sft_loss(model, examples, device, pad_id, chunk_size, normalizer):
-    """Sum over the examples' target tokens of their NLL / normalizer, in one padded batch."""
+def sft_loss(model, examples, device, pad_id, chunk_size, normalizer, nll_fn=token_nll):
+    """Sum over the examples' target tokens of their NLL / normalizer, in one padded batch; `nll_fn`: token_nll or its
+    compiled form."""
     batch = opsd.build_batch([p for p, _ in examples], [t for _, t in examples], pad_id, device)
     hidden, head, targets = opsd.completion_hidden(model, batch), opsd.lm_parts(model)[1], batch["targets"]
-    nll = torch.cat([checkpoint(token_nll, hidden[i:i + chunk_size], head, targets[i:i + chunk_size], use_reentrant=False)
+    nll = torch.cat([checkpoint(nll_fn, hidden[i:i + chunk_size], head, targets[i:i + chunk_size], use_reentrant=False)
                      for i in range(0, len(targets), chunk_size)])  # (N,)
     return nll.sum() / normalizer
 
@@ -104,7 +105,7 @@ def main(argv=None):
     sampler = opsd.make_sampler(args.sampler, model, tokenizer, args.model, device, dtype,
                                 None if args.full_finetune else args.lora_r, args.seed, args.vllm_gpu_memory, world,
                                 args.vllm_sleep) if args.eval_every else None
-    per_rank = args.batch_size // world
+    per_rank, nll_fn = args.batch_size // world, opsd.compiled(token_nll, args.compile)
     run.print(f"{len(examples)} examples | {total_steps} steps x {args.batch_size} ({world} ranks x {per_rank}, "
               f"micro-batch {args.micro_batch_size}) | {sum(p.numel() for p in params):,} trainable parameters")
     record = {}
@@ -119,7 +120,7 @@ def main(argv=None):
         for start in range(0, per_rank, args.micro_batch_size):
             with opsd.autocast(device, dtype):
                 part_loss = sft_loss(model, batch[start:start + args.micro_batch_size], device, tokenizer.pad_token_id,
-                                     args.chunk_size, n_tokens)
+                                     args.chunk_size, n_tokens, nll_fn)
             part_loss.backward()
             loss += part_loss.detach()
         # 8. update

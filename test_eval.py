@@ -291,7 +291,7 @@ def test_checkpoints_of_a_run_each_get_a_summary_and_the_curve_resumably(tiny, t
     run = tmp_path / "run"
     sft.main(["--model", tiny["model"], "--data", tiny["data"], "--batch-size", "2", "--micro-batch-size", "2",
               "--lora-r", "4", "--lora-alpha", "8", "--lr", "5e-2", "--max-steps", "3", "--save-every", "1", "--keep", "5",
-              "--out-dir", str(run)])
+              "--no-compile", "--out-dir", str(run)])
     out = tmp_path / "curve"
     result = evaluate.main(cli(tiny, out, "--checkpoints", str(run)))
     assert [c["step"] for c in result["curve"]] == [1, 2, 3]
@@ -309,3 +309,11 @@ def test_checkpoints_of_a_run_each_get_a_summary_and_the_curve_resumably(tiny, t
                         generate(self, ids, *a, **k))
     again = evaluate.main(cli(tiny, out, "--checkpoints", str(run), "--resume"))
     assert asked == [] and again["curve"] == result["curve"]  # checkpoint 2's samples were all there: none sampled again
+
+
+def test_every_sampling_option_reaches_the_sampler(tiny, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(opsd.HFSampler, "generate", lambda self, ids, n, sampling, *a, **k: seen.append(sampling) or
+                        [[opsd.Sample([1], None)] * n for _ in ids])
+    evaluate.main(cli(tiny, tmp_path, "--sampling-top-k", "7", "--top-p", "0.8", temperature="0.7"))
+    assert seen[0] == {"max_new_tokens": 12, "temperature": 0.7, "top_p": 0.8, "top_k": 7}

@@ -220,3 +220,23 @@ def test_the_step_line_shows_reward_and_gradient_not_a_loss_that_is_zero_by_cons
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("step 1/1"))
     assert "reward" in line and "grad norm" in line and "loss" not in line
     assert abs(summary["loss"]) < 1e-6 and summary["grad_norm"] > 0  # the loss is 0 with one epoch (to rounding); its gradient is not
+
+
+def test_a_bf16_step_matches_the_fp32_step(world, tmp_path, monkeypatch):
+    """The same rollouts and rewards scored in bf16 and in fp32 (test_opsd.py gives the tolerance's reasoning): the
+    gradient's direction within cos 0.99 (the loss is 0 by construction), the adapter fp32."""
+    monkeypatch.setattr(prompts, "grade", parity_reward)
+    monkeypatch.setattr(opsd.HFSampler, "generate", lambda self, prompt_ids, n, sampling, seeds, adapter=None: [
+        [opsd.Sample(torch.randint(3, 300, (5 + j,), generator=torch.Generator().manual_seed(s + j)).tolist(), None)
+         for j in range(n)] for s in seeds])
+    grads, real = {}, opsd.update
+
+    def update(params, *args, **kwargs):
+        grads[len(grads)] = torch.cat([p.grad.flatten().double() for p in params]), {p.dtype for p in params}
+        return real(params, *args, **kwargs)
+    monkeypatch.setattr(opsd, "update", update)
+    for dtype in ("float32", "bfloat16"):
+        grpo.main(run_args(world, tmp_path / dtype, "--max-steps", "1", "--dtype", dtype))
+    (g32, _), (g16, dtypes) = grads[0], grads[1]
+    assert g32.abs().max() > 0 and torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.99
+    assert dtypes == {torch.float32}

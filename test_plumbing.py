@@ -45,7 +45,7 @@ def opsd_args(world, out_dir, *extra):
 
 def sft_args(world, out_dir, *extra):
     return ["--model", world["model"], "--data", world["data"], "--batch-size", "2", "--micro-batch-size", "2",
-            "--lora-r", "8", "--lora-alpha", "16", "--out-dir", str(out_dir), *extra]
+            "--lora-r", "8", "--lora-alpha", "16", "--no-compile", "--out-dir", str(out_dir), *extra]
 
 
 def checkpoints(out_dir):
@@ -334,7 +334,8 @@ def test_options_that_need_each_other_or_a_path_are_checked_before_any_model_loa
         with pytest.raises(prompts.UserError, match=message):
             opsd.main(argv + ["--out-dir", str(tmp_path / "out")])
     with pytest.raises(prompts.UserError, match="--sampler vllm needs LoRA"):  # --from-scratch implies full fine-tuning
-        sft.main(["--model", world["model"], "--from-scratch", "--sampler", "vllm", "--out-dir", str(tmp_path / "out")])
+        sft.main(["--model", world["model"], "--from-scratch", "--sampler", "vllm", "--no-compile", "--out-dir",
+                  str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
 
@@ -425,3 +426,20 @@ def test_random_kills_and_resumes_end_bitwise_equal_to_an_uninterrupted_run(worl
     read = lambda path: [{k: v for k, v in json.loads(line).items() if not k.startswith(("time_", "tokens_per_s"))}
                          for line in open(path)]  # noqa: E731
     assert read(out / "log.jsonl") == read(tmp_path / "straight" / "log.jsonl")
+
+
+def test_a_full_checkpoint_missing_a_weight_is_an_error_that_names_it(world, tmp_path):
+    """Only tied weights may be missing from a full model's checkpoint (they are saved once); anything else used to
+    load silently, leaving that weight at its initial value."""
+    from safetensors.torch import load_file, save_file
+    out = tmp_path / "run"
+    sft.main(sft_args(world, out, "--max-steps", "1", "--full-finetune"))
+    checkpoint = plumbing.follow_latest(str(out))
+    model, _ = opsd.load_model(world["model"], torch.device("cpu"))
+    plumbing.load_weights(checkpoint, model)  # the tied lm_head is not in the file: fine
+    path = os.path.join(checkpoint, "model.safetensors")
+    state = load_file(path)
+    del state["model.layers.0.mlp.up_proj.weight"]
+    save_file(state, path, metadata={"format": "pt"})
+    with pytest.raises(prompts.UserError, match=r"missing \['model\.layers\.0\.mlp\.up_proj\.weight'\]"):
+        plumbing.load_weights(checkpoint, model)

@@ -69,7 +69,7 @@ def test_loss_goes_down_on_a_tiny_model(tiny, tmp_path):
     # the same 8 problems every step (--max-problems 8 = the batch), so the loss must fall as they are learned
     args = ["--model", d, "--data", data, "--max-steps", "12", "--batch-size", "8", "--micro-batch-size", "8",
             "--max-problems", "8", "--lr", "1e-2", "--warmup-ratio", "0", "--full-finetune", "--out-dir", str(tmp_path),
-            "--save-every", "100"]
+            "--save-every", "100", "--no-compile"]
     sft.main(args)
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "log.jsonl")]
     assert len(losses) == 12
@@ -84,7 +84,7 @@ def test_from_scratch_trains_all_weights_from_a_config(tiny, tmp_path):
     assert not any(f.endswith(".safetensors") for f in os.listdir(config_dir))
     out = tmp_path / "run"
     sft.main(["--model", str(config_dir), "--from-scratch", "--data", data, "--max-steps", "3", "--batch-size", "4",
-              "--micro-batch-size", "4", "--lr", "1e-3", "--out-dir", str(out), "--save-every", "3"])
+              "--micro-batch-size", "4", "--lr", "1e-3", "--out-dir", str(out), "--save-every", "3", "--no-compile"])
     trained = AutoModelForCausalLM.from_pretrained(plumbing.follow_latest(str(out)))  # a full model, no adapter
     assert sum(p.numel() for p in trained.parameters()) > 10_000
     assert not hasattr(trained, "peft_config")
@@ -93,7 +93,7 @@ def test_from_scratch_trains_all_weights_from_a_config(tiny, tmp_path):
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny, tmp_path):
     d, _, data = tiny
     base = ["--model", d, "--data", data, "--batch-size", "4", "--micro-batch-size", "2", "--lr", "3e-3",
-            "--lora-r", "8", "--lora-alpha", "16", "--save-every", "2"]
+            "--lora-r", "8", "--lora-alpha", "16", "--save-every", "2", "--no-compile"]
     sft.main(base + ["--max-steps", "4", "--out-dir", str(tmp_path / "straight")])
     # the interrupted run: the same 4-step schedule, stopped after its step-2 checkpoint
     sft.main(base + ["--max-steps", "4", "--stop-after", "2", "--out-dir", str(tmp_path / "split")])
@@ -109,9 +109,37 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny, tmp_path):
 def test_stop_at_eval_avg_stops_and_saves_at_the_first_eval_that_reaches_it(tiny, tmp_path):
     d, _, data = tiny
     argv = ["--model", d, "--data", data, "--batch-size", "4", "--micro-batch-size", "4", "--lora-r", "8", "--lora-alpha", "16",
-            "--max-steps", "10", "--eval-every", "3", "--eval-data", data, "--max-new-tokens", "8", "--save-every", "100"]
+            "--max-steps", "10", "--eval-every", "3", "--eval-data", data, "--max-new-tokens", "8", "--save-every", "100",
+            "--no-compile"]
     sft.main(argv + ["--out-dir", str(tmp_path / "stops"), "--stop-at-eval-avg", "0"])  # any avg reaches 0
     assert [r["step"] for r in map(json.loads, open(tmp_path / "stops" / "log.jsonl"))] == [1, 2, 3, 3]  # 3 steps, then the eval
     assert plumbing.follow_latest(str(tmp_path / "stops")).endswith("checkpoint-000003")
     sft.main(argv + ["--out-dir", str(tmp_path / "runs_on"), "--stop-at-eval-avg", "1"])  # a random model never gets all right
     assert plumbing.follow_latest(str(tmp_path / "runs_on")).endswith("checkpoint-000010")
+
+
+def one_step(tiny, tmp_path, monkeypatch, dtype, *extra):
+    captured, real = {}, opsd.update
+
+    def update(params, *args, **kwargs):
+        captured["grads"] = torch.cat([p.grad.flatten().double() for p in params])
+        result = real(params, *args, **kwargs)
+        captured["dtypes"] = {p.dtype for p in params}
+        return result
+    monkeypatch.setattr(opsd, "update", update)
+    d, _, data = tiny
+    record = sft.main(["--model", d, "--data", data, "--batch-size", "4", "--micro-batch-size", "2", "--lora-r", "8",
+                       "--lora-alpha", "16", "--max-steps", "1", "--no-compile", "--dtype", dtype,
+                       "--out-dir", str(tmp_path / dtype), *extra])
+    return record, captured
+
+
+@pytest.mark.parametrize("extra", [[], ["--full-finetune"]], ids=["lora", "full_finetune"])
+def test_a_bf16_step_matches_the_fp32_step(tiny, tmp_path, monkeypatch, extra):
+    """As opsd.py's (test_opsd.py gives the tolerance's reasoning): the loss within 5%, the gradient's direction within
+    cos 0.99, the trained weights fp32."""
+    fp32, grads32 = one_step(tiny, tmp_path, monkeypatch, "float32", *extra)
+    bf16, grads16 = one_step(tiny, tmp_path, monkeypatch, "bfloat16", *extra)
+    assert abs(bf16["loss"] - fp32["loss"]) < 0.05 * fp32["loss"]
+    assert torch.nn.functional.cosine_similarity(grads16["grads"], grads32["grads"], dim=0) > 0.99
+    assert grads16["dtypes"] == {torch.float32}

@@ -1,0 +1,204 @@
+"""
+One prepared GPU check, in one command: a Qwen3-1.7B-shaped model with random weights (no download), bf16 on CUDA.
+
+  (a) one OPSD step at the paper's sizes, 32 problems x 2048-token rollouts (micro-batch 4, LoRA r=64 on every linear
+      layer), time per stage (sample, teacher pass, student pass + loss, update) and peak memory, without and with
+      gradient checkpointing. The rollouts are sampled once with HF generate (the step that runs first times it), at
+      temperature 1 with no stop token (random weights never stop), and reused by the second configuration;
+  (b) the loss alone at T = 2k, 8k and 16k rollout tokens: chunked (eager and compiled) against naive (both T x V
+      logit matrices at once), time and peak memory; the naive loss may run out of memory, and the table says so.
+It prints a markdown table and writes it to --out. What it needs is on the lent machine (torch with CUDA, transformers,
+peft): vLLM is not used, nothing is graded, nothing is downloaded.
+
+  python bench_gpu.py                      # the GPU check (about 5 minutes on one H200)
+  python bench_gpu.py --smoke              # CI: the same code on CPU, tiny sizes, eager (compiling takes longer)
+"""
+import argparse
+import datetime
+import math
+import os
+import platform
+import tempfile
+import time
+
+import torch
+
+import opsd
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (CI)")
+    parser.add_argument("--out", default="bench_gpu.md", help="where the markdown table goes")
+    parser.add_argument("--problems", type=int, default=32, help="problems per step (one rollout each)")
+    parser.add_argument("--rollout", type=int, default=2048, help="rollout tokens")
+    parser.add_argument("--micro-batch", type=int, default=4, help="sequences per forward pass")
+    parser.add_argument("--loss-tokens", type=int, nargs="+", default=[2048, 8192, 16384], help="T for part (b)")
+    return parser
+
+
+def qwen3_1_7b(vocab=151_936, hidden=2048, layers=28, heads=16, kv_heads=8, intermediate=6144):
+    """The public Qwen3-1.7B shape (config.json of Qwen/Qwen3-1.7B), random weights."""
+    from transformers import Qwen3Config
+    return Qwen3Config(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=kv_heads, head_dim=hidden // heads, intermediate_size=intermediate,
+                       max_position_embeddings=40_960, tie_word_embeddings=True, rope_theta=1_000_000,
+                       rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=vocab - 1, pad_token_id=vocab - 2)
+
+
+def save_model(config, path):
+    """The config, and a tokenizer that only knows its special ids (the bench feeds token ids, never text)."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<unk>").save_pretrained(path)
+
+
+class Clock:
+    def __init__(self, device):
+        self.device, self.times = device, {}
+
+    def __call__(self, name):
+        clock = self
+
+        class Span:
+            def __enter__(self):
+                clock.sync()
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *_):
+                clock.sync()
+                clock.times[name] = clock.times.get(name, 0.0) + time.perf_counter() - self.t0
+        return Span()
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def peak_gb(device, reset=False):
+    if device.type != "cuda":
+        return float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+    return peak
+
+
+def opsd_step(args, path, device, dtype, grad_checkpointing, rollouts):
+    """One OPSD step with opsd.py's own functions, stage by stage: (times, peak GB, rollouts)."""
+    torch.manual_seed(0)
+    model, tokenizer = opsd.load_model(path, device, dtype, dict(r=64, lora_alpha=128, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]), grad_checkpointing=grad_checkpointing)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    loss_grad = opsd.loss_and_gradient(lambda s, t, y: opsd.opsd_token_loss(s, t, y, temperature=1.2),
+                                       compile=not args.smoke)
+    generator = torch.Generator().manual_seed(1)
+    student_prompts = [torch.randint(100, 1000, (150,), generator=generator).tolist() for _ in range(args.problems)]
+    teacher_prompts = [p + torch.randint(100, 1000, (600,), generator=generator).tolist() for p in student_prompts]
+    clock = Clock(device)
+    peak_gb(device, reset=True)
+    if rollouts is None:
+        sampler = opsd.HFSampler(model, tokenizer, [10**9], dtype, batch_size=args.problems)  # no stop: full length
+        with clock("sample"):
+            samples = sampler.generate(student_prompts, 1, dict(max_new_tokens=args.rollout, temperature=1.0, top_p=1.0,
+                                                                top_k=0), seeds=list(range(args.problems)))
+        rollouts = [s[0].ids for s in samples]
+    peaks = {"sample": peak_gb(device, reset=True)}
+    for start in range(0, args.problems, args.micro_batch):
+        part = slice(start, start + args.micro_batch)
+        student = opsd.build_batch(student_prompts[part], rollouts[part], tokenizer.pad_token_id, device)
+        teacher = opsd.build_batch(teacher_prompts[part], rollouts[part], tokenizer.pad_token_id, device)
+        with clock("teacher pass"), torch.no_grad(), opsd.autocast(device, dtype), model.disable_adapter():
+            teacher_hidden = opsd.completion_hidden(model, teacher)
+        weights = torch.full((len(student["targets"]),), 1 / len(student["targets"]), device=device)
+        with clock("student pass + loss"), opsd.autocast(device, dtype):
+            opsd.chunked_loss_backward(opsd.completion_hidden(model, student), teacher_hidden, opsd.lm_parts(model)[1],
+                                       None, student["targets"], weights, loss_grad, 128)
+    peaks["passes"] = peak_gb(device, reset=True)
+    with clock("update"):
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    peaks["update"] = peak_gb(device)
+    del model, optimizer
+    return clock.times, max(peaks.values()), rollouts
+
+
+def loss_alone(T, config, device, compile):
+    """Forward + backward of the chunked loss (or the naive one, compile=None) on T random positions."""
+    generator = torch.Generator(device).manual_seed(0)
+    hidden = torch.randn(T, config.hidden_size, device=device, dtype=torch.bfloat16, generator=generator)
+    teacher = hidden + 0.5 * torch.randn(T, config.hidden_size, device=device, dtype=torch.bfloat16, generator=generator)
+    head = 0.05 * torch.randn(config.vocab_size, config.hidden_size, device=device, dtype=torch.bfloat16,
+                              generator=generator)
+    targets = torch.randint(config.vocab_size, (T,), device=device, generator=generator)
+    weights = torch.full((T,), 1 / T, device=device)
+    loss_grad = opsd.loss_and_gradient(lambda s, t, y: opsd.opsd_token_loss(s, t, y), compile=bool(compile))
+    clock, result = Clock(device), "ok"
+    for repeat in range(2):  # the first call compiles: the second is timed
+        student = hidden.clone().requires_grad_()
+        peak_gb(device, reset=True)
+        clock.times.clear()
+        try:
+            with clock("loss"):
+                if compile is None:
+                    logp_student = opsd.upcast(student @ head.T).log_softmax(-1)
+                    logp_teacher = opsd.upcast(teacher @ head.T).log_softmax(-1)
+                    (opsd.generalized_jsd(logp_student, logp_teacher, 0.5) * weights).sum().backward()
+                else:
+                    opsd.chunked_loss_backward(student, teacher, head, None, targets, weights, loss_grad, 128)
+        except torch.OutOfMemoryError:
+            result = "out of memory"
+            torch.cuda.empty_cache()
+            break
+    return clock.times.get("loss", float("nan")), peak_gb(device), result
+
+
+def main():
+    args = get_parser().parse_args()
+    device = torch.device("cpu" if args.smoke else "cuda")
+    dtype = torch.bfloat16
+    config = qwen3_1_7b()
+    if args.smoke:
+        config = qwen3_1_7b(vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+        args.problems, args.rollout, args.micro_batch, args.loss_tokens = 4, 16, 2, [64, 256]
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    lines = [f"bench_gpu.py, {datetime.date.today()}, {name}, torch {torch.__version__}, bf16"
+             + (" (--smoke: tiny sizes on CPU, no timing claims)" if args.smoke else ""), "",
+             f"(a) one OPSD step: {args.problems} problems x {args.rollout}-token rollouts, micro-batch "
+             f"{args.micro_batch}, "
+             "LoRA r=64 on every linear layer, rollouts from HF generate", "",
+             "| configuration | sample (s) | teacher pass (s) | student pass + loss (s) | update (s) | peak memory "
+             "(GB) |",
+             "|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as path:
+        save_model(config, path)
+        rollouts = None
+        for checkpointing in (False, True):
+            times, peak, rollouts = opsd_step(args, path, device, dtype, checkpointing, rollouts)
+            lines.append(f"| {'with' if checkpointing else 'without'} --grad-checkpointing | "
+                         f"{times.get('sample', float('nan')):.1f} | {times['teacher pass']:.1f} | "
+                         f"{times['student pass + loss']:.1f} | {times['update']:.2f} | {peak:.1f} |")
+            print(lines[-1], flush=True)
+    lines += ["", f"(b) the loss alone, bf16 logits, H={config.hidden_size}, V={config.vocab_size:,}, chunk 128, "
+              "forward + backward (the second call; the first compiles)", "",
+              "| T | variant | time (s) | peak memory (GB) | result |", "|---|---|---|---|---|"]
+    for T in args.loss_tokens:
+        for label, compile in (("chunked, compiled", not args.smoke), ("chunked, eager", False), ("naive (T x V "
+                                                                                                  "logits)", None)):
+            seconds, peak, result = loss_alone(T, config, device, compile)
+            lines.append(f"| {T:,} | {label} | {seconds:.2f} | {peak:.1f} | {result} |")
+            print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    with open(args.out, "w") as f:
+        f.write(text)
+    print("\n" + text + f"written to {os.path.abspath(args.out)}")
+    return text
+
+
+if __name__ == "__main__":
+    main()
