@@ -15,7 +15,6 @@ peft): vLLM is not used, nothing is graded, nothing is downloaded.
 """
 import argparse
 import datetime
-import math
 import os
 import platform
 import tempfile
@@ -97,8 +96,9 @@ def opsd_step(args, path, device, dtype, grad_checkpointing, rollouts):
     loss_grad = opsd.loss_and_gradient(lambda s, t, y: opsd.opsd_token_loss(s, t, y, temperature=1.2),
                                        compile=not args.smoke)
     generator = torch.Generator().manual_seed(1)
-    student_prompts = [torch.randint(100, 1000, (150,), generator=generator).tolist() for _ in range(args.problems)]
-    teacher_prompts = [p + torch.randint(100, 1000, (600,), generator=generator).tolist() for p in student_prompts]
+    vocab = model.config.vocab_size - 3  # random prompts: a problem, and a 600-token reference for the teacher
+    student_prompts = [torch.randint(3, vocab, (150,), generator=generator).tolist() for _ in range(args.problems)]
+    teacher_prompts = [p + torch.randint(3, vocab, (600,), generator=generator).tolist() for p in student_prompts]
     clock = Clock(device)
     peak_gb(device, reset=True)
     if rollouts is None:
@@ -172,24 +172,24 @@ def main():
              f"(a) one OPSD step: {args.problems} problems x {args.rollout}-token rollouts, micro-batch "
              f"{args.micro_batch}, "
              "LoRA r=64 on every linear layer, rollouts from HF generate", "",
-             "| configuration | sample (s) | teacher pass (s) | student pass + loss (s) | update (s) | peak memory "
-             "(GB) |",
+             "| configuration | sample (s) | teacher pass (s) | student pass + loss (s) | update (s) | peak GB |",
              "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as path:
         save_model(config, path)
         rollouts = None
         for checkpointing in (False, True):
             times, peak, rollouts = opsd_step(args, path, device, dtype, checkpointing, rollouts)
-            lines.append(f"| {'with' if checkpointing else 'without'} --grad-checkpointing | "
-                         f"{times.get('sample', float('nan')):.1f} | {times['teacher pass']:.1f} | "
-                         f"{times['student pass + loss']:.1f} | {times['update']:.2f} | {peak:.1f} |")
+            sample = f"{times['sample']:.1f}" if "sample" in times else "(the rollouts above)"
+            lines.append(f"| {'with' if checkpointing else 'without'} --grad-checkpointing | {sample} | "
+                         f"{times['teacher pass']:.1f} | {times['student pass + loss']:.1f} | {times['update']:.2f} | "
+                         f"{peak:.1f} |")
             print(lines[-1], flush=True)
     lines += ["", f"(b) the loss alone, bf16 logits, H={config.hidden_size}, V={config.vocab_size:,}, chunk 128, "
               "forward + backward (the second call; the first compiles)", "",
               "| T | variant | time (s) | peak memory (GB) | result |", "|---|---|---|---|---|"]
     for T in args.loss_tokens:
-        for label, compile in (("chunked, compiled", not args.smoke), ("chunked, eager", False), ("naive (T x V "
-                                                                                                  "logits)", None)):
+        compiled = "chunked, eager (--smoke: no compile)" if args.smoke else "chunked, compiled"
+        for label, compile in ((compiled, not args.smoke), ("chunked, eager", False), ("naive (T x V logits)", None)):
             seconds, peak, result = loss_alone(T, config, device, compile)
             lines.append(f"| {T:,} | {label} | {seconds:.2f} | {peak:.1f} | {result} |")
             print(lines[-1], flush=True)

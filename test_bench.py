@@ -30,4 +30,4 @@ def test_bench_gpu_smoke_runs_the_gpu_checks_code_on_cpu(tmp_path):
     out = run("bench_gpu.py", "--smoke", "--out", str(tmp_path / "table.md"))
     table = (tmp_path / "table.md").read_text()
     assert table in out and "without --grad-checkpointing" in table and "with --grad-checkpointing" in table
-    assert table.count("| 256 |") == 3 and "naive (T x V logits)" in table
+    assert table.count("| 256 |") == 3 and "naive (T x V logits)" in table and "(the rollouts above)" in table
