@@ -12,6 +12,7 @@ peft): vLLM is not used, nothing is graded, nothing is downloaded.
 
   python bench_gpu.py                      # the GPU check (about 5 minutes on one H200)
   python bench_gpu.py --smoke              # CI: the same code on CPU, tiny sizes, eager (compiling takes longer)
+  python bench_gpu.py --memory-plan        # the README's memory plan, on paper
 """
 import argparse
 import datetime
@@ -25,10 +26,45 @@ import torch
 import opsd
 
 
+# the public configs (config.json of each Qwen/Qwen3-*): hidden, layers, attention heads, KV heads, MLP, tied embeddings
+QWEN3 = {"1.7B": (2048, 28, 16, 8, 6144, True), "4B": (2560, 36, 32, 8, 9728, True), "8B": (4096, 36, 32, 8, 12288, False),
+         "14B": (5120, 40, 40, 8, 17408, False), "32B": (5120, 64, 64, 8, 25600, False)}
+
+
+def memory_plan(rank=64, micro_batch=4, tokens=2048 + 300, vocab=151_936, head_dim=128, gpu=80):
+    """The memory plan on paper (no GPU needed), one row per Qwen3 size: bf16 weights; the LoRA adapter in fp32 with
+    its gradient and AdamW's two moments (16 bytes a parameter); the student pass's saved activations at micro-batch x
+    tokens, bf16, without and with gradient checkpointing (per layer: its input, then one layer recomputed); full
+    fine-tuning's fp32 weights, gradient and moments plus the fixed teacher's fp32 copy (20 bytes a parameter)."""
+    rows = ["| model | weights bf16 | LoRA r=64 + grad + AdamW | activations | activations, checkpointing | "
+            f"LoRA total, 1 GPU | full fine-tuning | fits one {gpu} GB GPU (LoRA, colocated vLLM) |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, (h, layers, heads, kv, mlp, tied) in QWEN3.items():
+        q, k = heads * head_dim, kv * head_dim
+        params = layers * (h * (2 * q + 2 * k) + 3 * h * mlp) + vocab * h * (1 if tied else 2)
+        lora = layers * rank * ((h + q) + 2 * (h + k) + (q + h) + 3 * (h + mlp))
+        # saved per token per layer: 2 norms' input and output, q, k, v (q and k again after rope), attention output,
+        # the residual, gate, up, silu(gate), their product (sdpa/flash attention keep no T x T scores); 2 bytes each
+        per_token = 2 * (4 * h + 2 * q + 3 * k + q + h + 4 * mlp)
+        positions = micro_batch * tokens
+        plain, recompute = per_token * layers * positions, 2 * h * layers * positions + per_token * positions
+        weights, adapter = 2 * params, 16 * lora
+        # LoRA on one GPU with vLLM colocated: the training weights, vLLM's own copy of them while it samples (it
+        # sleeps, weights offloaded, while training runs), the adapter, checkpointed activations, ~2 GB of CUDA context
+        # and the loss's chunks; vLLM's KV cache takes what is left
+        total = weights + adapter + recompute + 2e9
+        fits = "yes" if total + weights + 4e9 < gpu * 1e9 else "no: shard (FSDP2) or vLLM on other GPUs"
+        rows.append(f"| Qwen3-{name} | {weights / 1e9:.1f} GB | {adapter / 1e9:.2f} GB | {plain / 1e9:.1f} GB | "
+                    f"{recompute / 1e9:.1f} GB | {total / 1e9:.1f} GB (+{weights / 1e9:.1f} GB vLLM while sampling) | "
+                    f"{20 * params / 1e9:.0f} GB | {fits} |")
+    return "\n".join(rows)
+
+
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (CI)")
+    parser.add_argument("--memory-plan", action="store_true", help="print the memory plan on paper (no GPU) and exit")
     parser.add_argument("--out", default="bench_gpu.md", help="where the markdown table goes")
     parser.add_argument("--problems", type=int, default=32, help="problems per step (one rollout each)")
     parser.add_argument("--rollout", type=int, default=2048, help="rollout tokens")
@@ -160,6 +196,9 @@ def loss_alone(T, config, device, compile):
 
 def main():
     args = get_parser().parse_args()
+    if args.memory_plan:
+        print(memory_plan())
+        return memory_plan()
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.bfloat16
     config = qwen3_1_7b()

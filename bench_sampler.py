@@ -5,6 +5,7 @@ stops at its stop token); each cell is the best of --repeats calls, after one wa
 
   python bench_sampler.py                        # the toy warm start (toy_cache/own), 64 prompts x 96 new tokens
   python bench_sampler.py --model DIR --prompts 256
+  python bench_sampler.py --mismatch             # the sampler-trainer mismatch: vLLM and HF against the training pass
 `--sampler auto` is HF on CPU and vLLM on GPU (opsd.sampler_kind); this measures what that costs or saves on CPU.
 """
 import argparse
@@ -29,6 +30,48 @@ parser.add_argument("--prompts", type=plumbing.positive_int, default=64, help="t
 parser.add_argument("--max-new-tokens", type=plumbing.positive_int, default=96, help="length limit (the toy preset's)")
 parser.add_argument("--repeats", type=plumbing.positive_int, default=2, help="timed calls per cell; the fastest is reported")
 parser.add_argument("--lora-r", type=plumbing.positive_int, default=16, help="rank of the random adapter (the toy preset's)")
+parser.add_argument("--mismatch", action="store_true", help="measure the sampler-trainer mismatch in fp32 and bf16 instead")
+
+
+def mismatch(model_dir, prompt_ids, lora_r, max_new_tokens):
+    """Per dtype: greedy ids of vLLM against HF (prompts whose completions are equal), and the log-probs each sampler
+    returns for the tokens it sampled (T=1) against the training pass's log-probs of the same tokens (what opsd.py logs
+    each step as mismatch_mean / mismatch_max): the sampled rollouts' distance from on-policy."""
+    cpu, rows = torch.device("cpu"), []
+    greedy, sampled = (dict(max_new_tokens=max_new_tokens, temperature=t, top_p=1.0, top_k=0) for t in (0.0, 1.0))
+    seeds = list(range(len(prompt_ids)))
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model, tokenizer = opsd.load_model(model_dir, cpu, dtype, lora=dict(r=lora_r, lora_alpha=2 * lora_r,
+                                                                            target_modules=plumbing.LORA_TARGETS.split(",")))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+        model.eval()
+        stop_ids = opsd.stop_token_ids(tokenizer, model_dir)
+        hf = opsd.HFSampler(model, tokenizer, stop_ids, dtype, batch_size=len(prompt_ids))
+
+        def distance(samples):  # |log p_sampler - log p_training| over every sampled token
+            batch = opsd.build_batch(prompt_ids, [s[0].ids for s in samples], tokenizer.pad_token_id, cpu)
+            with torch.no_grad(), opsd.autocast(cpu, dtype):
+                logits = opsd.completion_hidden(model, batch) @ opsd.lm_parts(model)[1].T
+            logp = opsd.upcast(logits).log_softmax(-1).gather(-1, batch["targets"][:, None])[:, 0]
+            return (logp - torch.tensor([lp for s in samples for lp in s[0].logprobs])).abs()
+        hf_greedy, hf_distance = hf.generate(prompt_ids, 1, greedy, seeds), distance(hf.generate(prompt_ids, 1, sampled,
+                                                                                                seeds))
+        with tempfile.TemporaryDirectory() as out_dir:
+            vllm = opsd.make_sampler("vllm", None, tokenizer, model_dir, cpu, dtype, lora_rank=lora_r, seed=0,
+                                     gpu_memory=0.3)
+            adapter = opsd.adapter_for(vllm, model, out_dir, 0, str(dtype))
+            vllm_greedy = vllm.generate(prompt_ids, 1, greedy, seeds, adapter)
+            vllm_distance = distance(vllm.generate(prompt_ids, 1, sampled, seeds, adapter))
+            vllm.close()
+        equal = sum(a[0].ids == b[0].ids for a, b in zip(hf_greedy, vllm_greedy))
+        rows.append(f"| {str(dtype).removeprefix('torch.')} | {equal}/{len(prompt_ids)} | {vllm_distance.mean():.1e} | "
+                    f"{vllm_distance.max():.1e} | {hf_distance.mean():.1e} | {hf_distance.max():.1e} |")
+    return "\n".join(["| dtype | greedy ids, vLLM = HF | vLLM: mean abs diff of log p | max | HF: mean | max |",
+                      "|---|---|---|---|---|---|"] + rows)
 
 
 def time_calls(sampler, prompt_ids, temperature, repeats, max_new_tokens, adapter=None):
@@ -62,6 +105,10 @@ def main():
     records = prompts.load_records(toy.paths()["test"]) if args.model is None else \
         [{"problem": f"What is {123 + i}*{3 + i % 7}?"} for i in range(args.prompts)]
     prompt_ids = [prompts.student_prompt_ids(tokenizer, r["problem"]) for r in (records * args.prompts)[:args.prompts]]
+    if args.mismatch:
+        table = mismatch(model_dir, prompt_ids, args.lora_r, args.max_new_tokens)
+        print(table)
+        return table
     stop_ids = opsd.stop_token_ids(tokenizer, model_dir)
     rows = []
     hf = opsd.HFSampler(model, tokenizer, stop_ids, batch_size=args.prompts)
