@@ -27,8 +27,9 @@ import opsd
 
 
 # the public configs (config.json of each Qwen/Qwen3-*): hidden, layers, attention heads, KV heads, MLP, tied embeddings
-QWEN3 = {"1.7B": (2048, 28, 16, 8, 6144, True), "4B": (2560, 36, 32, 8, 9728, True), "8B": (4096, 36, 32, 8, 12288, False),
-         "14B": (5120, 40, 40, 8, 17408, False), "32B": (5120, 64, 64, 8, 25600, False)}
+QWEN3 = {"1.7B": (2048, 28, 16, 8, 6144, True), "4B": (2560, 36, 32, 8, 9728, True),
+         "8B": (4096, 36, 32, 8, 12288, False), "14B": (5120, 40, 40, 8, 17408, False),
+         "32B": (5120, 64, 64, 8, 25600, False)}
 
 
 def memory_plan(rank=64, micro_batch=4, tokens=2048 + 300, vocab=151_936, head_dim=128, gpu=80):
@@ -126,7 +127,8 @@ def opsd_step(args, path, device, dtype, grad_checkpointing, rollouts):
     """One OPSD step with opsd.py's own functions, stage by stage: (times, peak GB, rollouts)."""
     torch.manual_seed(0)
     model, tokenizer = opsd.load_model(path, device, dtype, dict(r=64, lora_alpha=128, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]), grad_checkpointing=grad_checkpointing)
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+        grad_checkpointing=grad_checkpointing)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     loss_grad = opsd.loss_and_gradient(lambda s, t, y: opsd.opsd_token_loss(s, t, y, temperature=1.2),
@@ -168,7 +170,8 @@ def loss_alone(T, config, device, compile):
     """Forward + backward of the chunked loss (or the naive one, compile=None) on T random positions."""
     generator = torch.Generator(device).manual_seed(0)
     hidden = torch.randn(T, config.hidden_size, device=device, dtype=torch.bfloat16, generator=generator)
-    teacher = hidden + 0.5 * torch.randn(T, config.hidden_size, device=device, dtype=torch.bfloat16, generator=generator)
+    teacher = hidden + 0.5 * torch.randn(T, config.hidden_size, device=device, dtype=torch.bfloat16,
+                                         generator=generator)
     head = 0.05 * torch.randn(config.vocab_size, config.hidden_size, device=device, dtype=torch.bfloat16,
                               generator=generator)
     targets = torch.randint(config.vocab_size, (T,), device=device, generator=generator)

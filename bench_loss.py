@@ -12,7 +12,7 @@ Each variant runs in its own subprocess (its peak RSS is its own) on the same se
 call of a compiled variant compiles, so "time" is the fastest later call and "first" the first one. Loss and gradient
 are compared with the eager variant's. Run it alone: two torch processes on 2 cores slow each other 10x or more.
 
-  python bench_loss.py                               # T = 512 and 2048, H = 2048, V = 151,936, fp32 (~15 min on 2 cores)
+  python bench_loss.py                               # T = 512 and 2048, H = 2048, V = 151,936, fp32 (~25 min)
   python bench_loss.py --T 256 --H 256 --V 32000     # a quick check
   python bench_loss.py --smoke                       # CI: tiny sizes, every variant runs (no timing claims)
 """
@@ -37,13 +37,13 @@ VARIANTS = ["floor", "eager", "compiled", "naive", "liger"]
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--T", type=int, nargs="+", default=[512, 2048], help="positions (rollout tokens), one run each")
+    parser.add_argument("--T", type=int, nargs="+", default=[512, 2048], help="positions (rollout tokens): a run each")
     parser.add_argument("--H", type=int, default=2048, help="hidden size (Qwen3-1.7B: 2048)")
     parser.add_argument("--V", type=int, default=151_936, help="vocabulary size (Qwen3: 151,936)")
     parser.add_argument("--beta", type=float, default=0.5, help="JSD_beta (0: forward KL, 1: reverse KL)")
     parser.add_argument("--chunk-size", type=int, default=128, help="positions per chunk (the scripts' default)")
     parser.add_argument("--liger-chunk-size", type=int, nargs="+", default=[128, 1024], help="Liger's chunk sizes")
-    parser.add_argument("--repeats", type=int, default=3, help="forward+backward calls per variant; the fastest is kept")
+    parser.add_argument("--repeats", type=int, default=3, help="calls per variant; the fastest is kept")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants to run")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 2 repeats (CI)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (the same in every subprocess)")
@@ -130,8 +130,8 @@ def run_variant(args):
 
 def spawn(args, T, variant, tmp):
     result = os.path.join(tmp, f"{variant}.pt")
-    command = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--result", result, "--T", str(T), "--H",
-               str(args.H), "--V", str(args.V), "--beta", str(args.beta), "--chunk-size", str(args.chunk_size),
+    command = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--result", result, "--T", str(T),
+               "--H", str(args.H), "--V", str(args.V), "--beta", str(args.beta), "--chunk-size", str(args.chunk_size),
                "--repeats", str(args.repeats), "--seed", str(args.seed)]
     if subprocess.run(command).returncode:
         return None
@@ -174,8 +174,8 @@ def main():
     if args.variant:
         return run_variant(args)
     memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    print(f"{datetime.datetime.now():%Y-%m-%d %H:%M} | {platform.node()} | {os.cpu_count()} CPUs, {memory_gb:.1f} GiB RAM | "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads)", flush=True)
+    print(f"{datetime.datetime.now():%Y-%m-%d %H:%M} | {platform.node()} | {os.cpu_count()} CPUs, {memory_gb:.1f} GiB "
+          f"RAM | torch {torch.__version__} ({torch.get_num_threads()} threads)", flush=True)
     texts = []
     for T in args.T:
         text, results = table(args, T)

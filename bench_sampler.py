@@ -25,12 +25,12 @@ import toy
 
 parser = argparse.ArgumentParser(description="HF generate vs vLLM sampling throughput in the toy world",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-parser.add_argument("--model", default=None, help="model dir (default: the toy warm start; `python toy.py prepare` builds it)")
+parser.add_argument("--model", default=None, help="model dir (default: the toy warm start, from python toy.py prepare)")
 parser.add_argument("--prompts", type=plumbing.positive_int, default=64, help="toy problems per call")
 parser.add_argument("--max-new-tokens", type=plumbing.positive_int, default=96, help="length limit (the toy preset's)")
-parser.add_argument("--repeats", type=plumbing.positive_int, default=2, help="timed calls per cell; the fastest is reported")
-parser.add_argument("--lora-r", type=plumbing.positive_int, default=16, help="rank of the random adapter (the toy preset's)")
-parser.add_argument("--mismatch", action="store_true", help="measure the sampler-trainer mismatch in fp32 and bf16 instead")
+parser.add_argument("--repeats", type=plumbing.positive_int, default=2, help="timed calls per cell; the fastest wins")
+parser.add_argument("--lora-r", type=plumbing.positive_int, default=16, help="rank of the random adapter (the toy's)")
+parser.add_argument("--mismatch", action="store_true", help="the sampler-trainer mismatch, fp32 and bf16, instead")
 
 
 def mismatch(model_dir, prompt_ids, lora_r, max_new_tokens):
@@ -92,8 +92,9 @@ def main():
     model_dir = args.model or toy.paths()["warm"]
     plumbing.check_model_path(model_dir)
     cpu = torch.device("cpu")
-    print(f"{datetime.datetime.now():%Y-%m-%d %H:%M} | {platform.node()} | {os.cpu_count()} CPUs | torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads) | {model_dir} | {args.prompts} prompts x {args.max_new_tokens} new tokens", flush=True)
+    print(f"{datetime.datetime.now():%Y-%m-%d %H:%M} | {platform.node()} | {os.cpu_count()} CPUs | torch "
+          f"{torch.__version__} ({torch.get_num_threads()} threads) | {model_dir} | {args.prompts} prompts x "
+          f"{args.max_new_tokens} new tokens", flush=True)
     model, tokenizer = opsd.load_model(model_dir, cpu, lora=dict(r=args.lora_r, lora_alpha=2 * args.lora_r,
                                                                  target_modules=plumbing.LORA_TARGETS.split(",")))
     torch.manual_seed(0)
@@ -133,7 +134,7 @@ def main():
     for adapter in (False, True):
         hf_rate = sum(r[3] for r in rows if r[0] == "hf" and r[1] == adapter)
         vllm_rate = sum(r[3] for r in rows if r[0] == "vllm" and r[1] == adapter)
-        print(f"{'LoRA' if adapter else 'base'}: vLLM / HF throughput {vllm_rate / hf_rate:.2f}x (mean of greedy and T=1)")
+        print(f"{'LoRA' if adapter else 'base'}: vLLM / HF throughput {vllm_rate / hf_rate:.2f}x (greedy and T=1)")
 
 
 if __name__ == "__main__":

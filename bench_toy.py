@@ -49,8 +49,9 @@ RUNS = {
 }
 TABLES = {"methods": (["opsd", "grpo", "sft"], ["own", "expert"]),
           "variants": (["opsd", "opsd forward KL", "opsd forward KL + entry clip 0.05", "opsd sampled-token",
-                        "opsd sampled-token + vOPD baseline", "opsd answer-only teacher", "idea: geometric mixture w=0.5",
-                        "idea: reference-only correction 0.5", "idea: task reward w=1"], ["own"]),
+                        "opsd sampled-token + vOPD baseline", "opsd answer-only teacher",
+                        "idea: geometric mixture w=0.5", "idea: reference-only correction 0.5",
+                        "idea: task reward w=1"], ["own"]),
           "teachers": (["opsd", "opsd live teacher", "opsd EMA teacher 0.99"], ["own"]),
           "budget": (["opsd rollouts <= 32", "opsd rollouts <= 48", "opsd rollouts <= 64", "opsd"], ["own"])}
 
@@ -77,10 +78,13 @@ def apply_idea(name, directory):
 
 
 def run_one(name, setting, seed, args):
-    out = os.path.join(args.out_dir, setting, f"{name.replace(' ', '_').replace(':', '').replace('<=', 'max')}_seed{seed}")
+    slug = name.replace(" ", "_").replace(":", "").replace("<=", "max")
+    out = os.path.join(args.out_dir, setting, f"{slug}_seed{seed}")
     log = os.path.join(out, "log.jsonl")
     rows = prompts.read_jsonl(log, torn_tail_ok=True)[0] if os.path.exists(log) else []
-    if rows and max(r["step"] for r in rows) == args.steps and any(r["step"] == args.steps and "eval" in r for r in rows):
+    done = rows and max(r["step"] for r in rows) == args.steps and any(r["step"] == args.steps and "eval" in r
+                                                                        for r in rows)
+    if done:
         print(f"{setting} / {name} / seed {seed}: done already, skipped", flush=True)  # the same length, finished
         return out
     shutil.rmtree(out, ignore_errors=True)  # a partial run starts again (it checkpoints only at the end)
@@ -91,10 +95,12 @@ def run_one(name, setting, seed, args):
     else:
         cmd = [sys.executable, os.path.join(HERE, "toy.py"), script, "--references", setting]
     cmd += ["--seed", str(seed), "--max-steps", str(args.steps), "--eval-every", str(args.eval_every), "--save-every",
-            str(args.steps), "--eval-max-new-tokens", str(toy.PRESETS["eval"]["max_new_tokens"]), "--out-dir", out, *flags]
+            str(args.steps), "--eval-max-new-tokens", str(toy.PRESETS["eval"]["max_new_tokens"]), "--out-dir", out,
+            *flags]
     print(" ".join(cmd), flush=True)
     t0 = time.time()
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
+               PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     print(f"{setting} / {name} / seed {seed}: {time.time() - t0:.0f}s", flush=True)
     return out
@@ -117,8 +123,9 @@ def summarize(curves):
     rows = []
     for i, (step, *_rest) in enumerate(curves[0]):
         accs = [c[i][3] for c in curves]
-        rows.append({"step": step, "tokens": statistics.mean(c[i][1] for c in curves), "seconds": statistics.mean(c[i][2] for c in curves),
-                     "acc": statistics.mean(accs), "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "acc_seeds": accs})
+        rows.append({"step": step, "tokens": statistics.mean(c[i][1] for c in curves),
+                     "seconds": statistics.mean(c[i][2] for c in curves), "acc": statistics.mean(accs),
+                     "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "acc_seeds": accs})
     return rows
 
 
@@ -136,22 +143,27 @@ def tokens_to_reach(start, rows, target):
 
 def cell(rows):
     last = rows[-1]
-    return f"{last['acc']:.1%}" + (f" ± {last['acc_std']:.1%}" if len(last["acc_seeds"]) > 1 else "")  # no spread from one seed
+    return f"{last['acc']:.1%}" + (f" ± {last['acc_std']:.1%}" if len(last["acc_seeds"]) > 1 else "")  # one: no spread
 
 
 def report(results, table):
     lines, notes = [], []
     if table == "methods":
-        lines += ["| setting | OPSD | GRPO | SFT on the references | warm start | teacher (reference shown) |", "|---|---|---|---|---|---|"]
+        lines += ["| setting | OPSD | GRPO | SFT on the references | warm start | teacher (reference shown) |",
+                  "|---|---|---|---|---|---|"]
         for setting, r in results["settings"].items():
-            lines.append(f"| {setting} | {cell(r['runs']['opsd'])} | {cell(r['runs']['grpo'])} | {cell(r['runs']['sft'])} | "
+            lines.append(f"| {setting} | {cell(r['runs']['opsd'])} | {cell(r['runs']['grpo'])} | "
+                         f"{cell(r['runs']['sft'])} | "
                          f"{r['warm_start']:.1%} | {r['teacher']:.1%} |")
-        lines += ["", "| setting | method | gain over warm start (points) | generated tokens | training time (s) |", "|---|---|---|---|---|"]
+        lines += ["", "| setting | method | gain over warm start (points) | generated tokens | training time (s) |",
+                  "|---|---|---|---|---|"]
     else:
         for setting, r in results["settings"].items():
-            lines += [f"{setting} references: warm start {r['warm_start']:.1%}; teacher with the reference {r['teacher']:.1%}, with only "
-                      f"the final answer {r['teacher_answer_only']:.1%} (the warm start never showed it an answer alone)", ""]
-        lines += ["| variant | flags | final accuracy | gain over warm start (points) | generated tokens | training time (s) |",
+            lines += [f"{setting} references: warm start {r['warm_start']:.1%}; teacher with the reference "
+                      f"{r['teacher']:.1%}, with only the final answer {r['teacher_answer_only']:.1%} (the warm start "
+                      "never showed it an answer alone)", ""]
+        lines += ["| variant | flags | final accuracy | gain over warm start (points) | generated tokens | "
+                  "training time (s) |",
                   "|---|---|---|---|---|---|"]
     for setting, r in results["settings"].items():
         for name, rows in r["runs"].items():
@@ -159,15 +171,18 @@ def report(results, table):
             if table == "methods":
                 lines.append(f"| {setting} | {name} | {gain:+.1f} | {last['tokens']:,.0f} | {last['seconds']:.0f} |")
             else:
-                lines.append(f"| {name} | `{' '.join(RUNS[name][1]) or '(defaults)'}` | {cell(rows)} | {gain:+.1f} | {last['tokens']:,.0f} | {last['seconds']:.0f} |")
+                lines.append(f"| {name} | `{' '.join(RUNS[name][1]) or '(defaults)'}` | {cell(rows)} | {gain:+.1f} | "
+                             f"{last['tokens']:,.0f} | {last['seconds']:.0f} |")
         if "opsd" in r["runs"] and "grpo" in r["runs"]:
             grpo = r["runs"]["grpo"][-1]
             reached = tokens_to_reach(r["warm_start"], r["runs"]["opsd"], grpo["acc"])
             if reached is None:
-                notes.append(f"{setting}: OPSD does not reach GRPO's final accuracy ({grpo['acc']:.1%}) within the budget.")
+                notes.append(f"{setting}: OPSD does not reach GRPO's final accuracy ({grpo['acc']:.1%}) in the budget.")
             else:
-                notes.append(f"{setting}: OPSD reaches GRPO's final accuracy ({grpo['acc']:.1%}) after ~{reached:,.0f} generated tokens "
-                             f"(interpolated between evals), {grpo['tokens'] / max(reached, 1.0):.1f}x fewer than GRPO's {grpo['tokens']:,.0f}.")
+                ratio = grpo["tokens"] / max(reached, 1.0)
+                notes.append(f"{setting}: OPSD reaches GRPO's final accuracy ({grpo['acc']:.1%}) after ~{reached:,.0f} "
+                             f"generated tokens (interpolated between evals), {ratio:.1f}x fewer than GRPO's "
+                             f"{grpo['tokens']:,.0f}.")
     return "\n".join(lines + [""] * bool(notes) + notes)
 
 
@@ -184,7 +199,8 @@ def plot(results, path):
     for ax, (setting, r) in zip(axes[0], settings.items()):
         for name, rows in r["runs"].items():
             if name == "sft":  # SFT generates no tokens: its final accuracy, as a line
-                ax.axhline(rows[-1]["acc"], color="tab:green", linestyle="-.", label=f"SFT on the references (final, 0 tokens)")
+                ax.axhline(rows[-1]["acc"], color="tab:green", linestyle="-.",
+                           label="SFT on the references (final, 0 tokens)")
                 continue
             ax.errorbar([0] + [x["tokens"] for x in rows], [r["warm_start"]] + [x["acc"] for x in rows],
                         yerr=[0] + [x["acc_std"] for x in rows], label=name.upper(), marker="o", capsize=3)
@@ -207,22 +223,26 @@ def main():
     if args.only:
         unknown = set(args.only.split(",")) - set(names)
         if unknown:
-            parser.error(f"--only: not runs of the {args.table} table: {', '.join(sorted(unknown))} (choose from {', '.join(names)})")
+            parser.error(f"--only: not runs of the {args.table} table: {', '.join(sorted(unknown))} (choose from "
+                         f"{', '.join(names)})")
         names = [n for n in names if n in args.only.split(",")]
     settings = args.settings.split(",") if args.settings else default_settings
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {"table": args.table, "steps": args.steps, "seeds": seeds, "settings": {}}
     for setting in settings:
         p = toy.ensure_prepared(setting)
-        start, teacher = toy.accuracy(p["warm"], p["test"]), toy.accuracy(p["warm"], p["test"], teacher_context="solution")
+        start = toy.accuracy(p["warm"], p["test"])
+        teacher = toy.accuracy(p["warm"], p["test"], teacher_context="solution")
         answer_only = toy.accuracy(p["warm"], p["test"], teacher_context="answer")  # a context its warm start never had
-        print(f"{setting} references: warm start student {start:.1%}, teacher {teacher:.1%} (answer only: {answer_only:.1%})", flush=True)
-        outs = {(n, s): run_one(n, setting, s, args) for s in seeds for n in names}  # seed-major: early results cover every run
+        print(f"{setting} references: warm start student {start:.1%}, teacher {teacher:.1%} (answer only: "
+              f"{answer_only:.1%})", flush=True)
+        outs = {(n, s): run_one(n, setting, s, args) for s in seeds for n in names}  # seed-major: every run early
         results["settings"][setting] = {"warm_start": start, "teacher": teacher, "teacher_answer_only": answer_only,
                                         "runs": {n: summarize([curve(outs[n, s]) for s in seeds]) for n in names}}
     if args.only:  # a part of the table: its runs are done (and skipped by the next full run), no table
         return
-    text = (f"{len(seeds)} seed{'s' * (len(seeds) > 1)}, {args.steps} steps, held-out greedy accuracy on 256 test problems"
+    text = (f"{len(seeds)} seed{'s' * (len(seeds) > 1)}, {args.steps} steps, held-out greedy accuracy on 256 test "
+            "problems"
             f"{' (mean ± std over seeds)' * (len(seeds) > 1)}\n\n"
             + report(results, args.table))
     print("\n" + text)

@@ -68,60 +68,6 @@ def get_parser():
     return parser
 
 # -----------------------------------------------------------------------------
-# 5. metrics: per problem with c correct of n, avg@n = c / n, pass@k = 1 - C(n-c, k) / C(n, k) (unbiased, Chen et
-# al. 2021), maj@k = is the most frequent answer among the first k samples right; then means
-
-
-KS = (1, 2, 4, 8, 16)
-
-
-def pass_at_k(n, c, k):
-    """Unbiased pass@k as prod_{i=n-c+1}^{n} (1 - k/i), which never forms the huge binomials."""
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
-    return 1.0 if n - c < k else 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
-
-
-def maj_at_k(answers, correct, k):
-    """Majority vote over the normalised answers of the first k samples (no answer: no vote); ties go to the answer
-    seen first."""
-    keys = [None if a is None else prompts.normalize_answer(a) for a in answers[:k]]
-    votes = Counter(key for key in keys if key is not None)
-    return float(correct[keys.index(max(votes, key=votes.get))]) if votes else 0.0
-
-
-def problem_metrics(samples, ks):
-    """One problem's sums: samples, correct, length, pass@k, maj@k; samples are rows in sample order."""
-    n, c = len(samples), sum(s["correct"] for s in samples)
-    answers, correct = [s["extracted"] for s in samples], [s["correct"] for s in samples]
-    return {"problems": 1, "samples": n, "correct": c, "length": sum(s["length"] for s in samples),
-            **{f"pass@{k}": pass_at_k(n, c, k) for k in ks}, **{f"maj@{k}": maj_at_k(answers, correct, k) for k in ks}}
-
-
-def summarize(sums, ks):
-    problems, samples = max(sums["problems"], 1), max(sums["samples"], 1)
-    return {"avg": sums["correct"] / samples, **{f"pass@{k}": sums[f"pass@{k}"] / problems for k in ks},
-            **{f"maj@{k}": sums[f"maj@{k}"] / problems for k in ks}, "mean_length": sums["length"] / samples,
-            "problems": int(sums["problems"]), "samples": int(sums["samples"])}
-
-
-def reduce_summary(per_problem, benchmarks, ks, world):
-    """Sum the per-problem metrics per benchmark, over ranks, then average: every rank gets the same summary."""
-    fields = ["problems", "samples", "correct", "length"] + [f"{m}@{k}" for m in ("pass", "maj") for k in ks]
-    sums = torch.zeros(len(benchmarks), len(fields), dtype=torch.float64)  # (B, F)
-    for (benchmark, _), metrics in per_problem.items():
-        sums[benchmarks.index(benchmark)] += torch.tensor([float(metrics[f]) for f in fields], dtype=torch.float64)
-    if world > 1:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        sums = sums.to(device)
-        dist.all_reduce(sums)  # a sum, not a mean: ranks hold different numbers of problems
-        sums = sums.cpu()
-    per_benchmark = {b: summarize(dict(zip(fields, row.tolist())), ks) for b, row in zip(benchmarks, sums)}
-    summary = summarize(dict(zip(fields, sums.sum(0).tolist())), ks)  # overall: every problem weighs the same
-    summary["avg_of_benchmarks"] = sum(s["avg"] for s in per_benchmark.values()) / len(per_benchmark)
-    return {**summary, "benchmarks": per_benchmark}
-
-# -----------------------------------------------------------------------------
 # 6. sample and grade, resumably: one samples file per rank, appended after each sampler call
 
 
@@ -190,7 +136,8 @@ def run_eval(tokenizer, records, sampler, *, n, sampling, thinking, seed=0, teac
         for i, row in enumerate(rows):
             record, s = chunk[i // n], i % n
             if s not in results[key(record)]:  # kept from the stopped run otherwise
-                results[key(record)][s] = row = {"benchmark": key(record)[0], "problem_id": record["id"], "sample": s, **row}
+                row = {"benchmark": key(record)[0], "problem_id": record["id"], "sample": s, **row}
+                results[key(record)][s] = row
                 new.append(row)
         if file:
             file.write(*new)
@@ -203,6 +150,61 @@ def run_eval(tokenizer, records, sampler, *, n, sampling, thinking, seed=0, teac
     per_problem = {k: problem_metrics([rows[s] for s in range(n)], ks) for k, rows in results.items()}
     return reduce_summary(per_problem, benchmarks, ks, world)
 
+
+# -----------------------------------------------------------------------------
+# 7. summarise: per problem with c correct of n, avg@n = c / n, pass@k = 1 - C(n-c, k) / C(n, k) (unbiased, Chen et
+# al. 2021), maj@k = is the most frequent answer among the first k samples right; then means
+
+
+KS = (1, 2, 4, 8, 16)
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k as prod_{i=n-c+1}^{n} (1 - k/i), which never forms the huge binomials."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    return 1.0 if n - c < k else 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def maj_at_k(answers, correct, k):
+    """Majority vote over the normalised answers of the first k samples (no answer: no vote); ties go to the answer
+    seen first."""
+    keys = [None if a is None else prompts.normalize_answer(a) for a in answers[:k]]
+    votes = Counter(key for key in keys if key is not None)
+    return float(correct[keys.index(max(votes, key=votes.get))]) if votes else 0.0
+
+
+def problem_metrics(samples, ks):
+    """One problem's sums: samples, correct, length, pass@k, maj@k; samples are rows in sample order."""
+    n, c = len(samples), sum(s["correct"] for s in samples)
+    answers, correct = [s["extracted"] for s in samples], [s["correct"] for s in samples]
+    return {"problems": 1, "samples": n, "correct": c, "length": sum(s["length"] for s in samples),
+            **{f"pass@{k}": pass_at_k(n, c, k) for k in ks}, **{f"maj@{k}": maj_at_k(answers, correct, k) for k in ks}}
+
+
+def summarize(sums, ks):
+    problems, samples = max(sums["problems"], 1), max(sums["samples"], 1)
+    return {"avg": sums["correct"] / samples, **{f"pass@{k}": sums[f"pass@{k}"] / problems for k in ks},
+            **{f"maj@{k}": sums[f"maj@{k}"] / problems for k in ks}, "mean_length": sums["length"] / samples,
+            "problems": int(sums["problems"]), "samples": int(sums["samples"])}
+
+
+def reduce_summary(per_problem, benchmarks, ks, world):
+    """Sum the per-problem metrics per benchmark, over ranks, then average: every rank gets the same summary."""
+    fields = ["problems", "samples", "correct", "length"] + [f"{m}@{k}" for m in ("pass", "maj") for k in ks]
+    sums = torch.zeros(len(benchmarks), len(fields), dtype=torch.float64)  # (B, F)
+    for (benchmark, _), metrics in per_problem.items():
+        sums[benchmarks.index(benchmark)] += torch.tensor([float(metrics[f]) for f in fields], dtype=torch.float64)
+    if world > 1:
+        nccl = dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        sums = sums.to(device)
+        dist.all_reduce(sums)  # a sum, not a mean: ranks hold different numbers of problems
+        sums = sums.cpu()
+    per_benchmark = {b: summarize(dict(zip(fields, row.tolist())), ks) for b, row in zip(benchmarks, sums)}
+    summary = summarize(dict(zip(fields, sums.sum(0).tolist())), ks)  # overall: every problem weighs the same
+    summary["avg_of_benchmarks"] = sum(s["avg"] for s in per_benchmark.values()) / len(per_benchmark)
+    return {**summary, "benchmarks": per_benchmark}
 
 def format_table(summary):
     metrics = ["avg"] + [k for k in summary if k.startswith(("pass@", "maj@"))] + ["mean_length"]
@@ -218,7 +220,8 @@ def write_curve(out_dir, curve):
         json.dump(curve, f, indent=1)
     best = max(curve, key=lambda c: c["avg"])
     lines = ["| step | avg | pass@k (largest k) | maj@k | mean length |", "|---|---|---|---|---|"] + [
-        f"| {c['step']}{' (best)' * (c is best)} | {c['avg']:.4f} | {c['pass']:.4f} | {c['maj']:.4f} | {c['length']:.0f} |"
+        f"| {c['step']}{' (best)' * (c is best)} | {c['avg']:.4f} | {c['pass']:.4f} | {c['maj']:.4f} | "
+        f"{c['length']:.0f} |"
         for c in curve]
     with open(os.path.join(out_dir, "curve.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -247,7 +250,7 @@ def main(argv=None):
     # 1. config; the weights to evaluate: the base, an adapter (a run dir: its latest), or each checkpoint of a run
     args = plumbing.parse_config(get_parser(), argv)
     if args.adapter and args.checkpoints:
-        raise prompts.UserError("--adapter and --checkpoints: give one (--checkpoints evaluates every adapter of a run)")
+        raise prompts.UserError("--adapter and --checkpoints: give one (--checkpoints evaluates every checkpoint)")
     if args.checkpoints:
         weights = plumbing.complete_checkpoints(args.checkpoints)
         if not weights:
@@ -267,7 +270,7 @@ def main(argv=None):
         [(name.strip(), name.strip()) for name in args.benchmarks.split(",") if name.strip()]
     unknown = [name for name, _ in sources if not args.data and name not in prompts.BENCHMARKS]
     if unknown:
-        raise prompts.UserError(f"--benchmarks: unknown {unknown}; known: {sorted(prompts.BENCHMARKS)} (or --data FILE)")
+        raise prompts.UserError(f"--benchmarks: unknown {unknown}; known: {sorted(prompts.BENCHMARKS)} (or --data)")
     records = [{**r, "benchmark": name} for name, source in sources
                for r in prompts.load_records(source, None, require=require, limit=args.limit)]
     lock = plumbing.claim_out_dir(args.out_dir, args.resume, args.overwrite, master=rank == 0)  # noqa: F841 (held)
@@ -275,7 +278,8 @@ def main(argv=None):
     lora_rank = json.load(open(os.path.join(adapters[0], "adapter_config.json")))["r"] if adapters else None
     full = [w for w in weights if w and w not in adapters]  # --checkpoints of a --full-finetune run: whole models
     kind = opsd.sampler_kind(args.sampler, device, lora=True)
-    model, tokenizer = (None, None) if kind == "vllm" else opsd.load_model(full[0] if full else args.model, device, dtype)
+    model, tokenizer = (None, None) if kind == "vllm" else opsd.load_model(full[0] if full else args.model, device,
+                                                                           dtype)
     if kind == "vllm":
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -289,7 +293,7 @@ def main(argv=None):
     plumbing.print0(f"{len(records)} problems x {args.samples} samples x {len(weights)} weights | {args.model} | "
                     f"T={args.temperature} top_p={args.top_p} thinking={args.thinking} | {type(sampler).__name__} | "
                     f"{world} ranks | writing to {args.out_dir}")
-    # 6-7. sample, grade and summarise each set of weights (a finished one is skipped on --resume)
+    # 6-7. sample, grade and summarise each set of weights (a finished one is skipped on --resume); 8. report
     curve = []
     for path in weights:
         out_dir = os.path.join(args.out_dir, os.path.basename(path)) if args.checkpoints else args.out_dir
@@ -307,14 +311,16 @@ def main(argv=None):
                                                          "max_new_tokens", "thinking", "seed")}}
             summary = run_eval(tokenizer, records, sampler, n=args.samples, sampling=sampling, thinking=args.thinking,
                                seed=args.seed, teacher_context=args.teacher_context, rank=rank, world=world,
-                               out_path=os.path.join(out_dir, "samples.jsonl"), resume=args.resume or bool(args.checkpoints),
+                               out_path=os.path.join(out_dir, "samples.jsonl"),
+                               resume=args.resume or bool(args.checkpoints),
                                settings=settings, batch_size=args.batch_size, progress=True,
                                adapter=path if path in adapters and sampler.kind == "vllm" else None)
             if rank == 0:
                 with open(summary_path, "w") as f:
                     json.dump({**summary, "config": plumbing.settings_of(args)}, f, indent=2)
                 print(format_table(summary), flush=True)
-                print(f"eval: samples in {os.path.join(out_dir, 'samples.jsonl')}, summary in {summary_path}", flush=True)
+                print(f"eval: samples in {os.path.join(out_dir, 'samples.jsonl')}, summary in {summary_path}",
+                      flush=True)
         top = max(k for k in KS if k <= args.samples)
         curve.append({"step": plumbing.checkpoint_step(path) if path else 0, "avg": summary["avg"],
                       "pass": summary[f"pass@{top}"], "maj": summary[f"maj@{top}"], "length": summary["mean_length"]})

@@ -44,7 +44,7 @@ def get_parser():
     group = parser.add_argument_group("GRPO")
     group.add_argument("--group-size", type=plumbing.bounded(int, 2), default=8, help="G: rollouts per problem")
     group.add_argument("--ppo-clip-eps", type=plumbing.positive_float, default=0.2, help="PPO clip: [1 - eps, 1 + eps]")
-    group.add_argument("--kl-beta", type=plumbing.nonnegative, default=0.0, help="k3 KL weight to the adapter-off model")
+    group.add_argument("--kl-beta", type=plumbing.nonnegative, default=0.0, help="k3 KL weight to the adapter off")
     group.add_argument("--ppo-epochs", type=plumbing.positive_int, default=1, help="updates per batch (1: ratio = 1)")
     group.add_argument("--adv-eps", type=plumbing.positive_float, default=1e-4, help="eps in (r - mean) / (std + eps)")
     parser.set_defaults(max_new_tokens=16384, temperature=1.2)  # the paper's GRPO baseline
@@ -130,7 +130,8 @@ def main(argv=None):
     temperature, per_rank = args.temperature or 1.0, args.batch_size // world
     logprobs = opsd.compiled(token_logprobs, args.compile)
     n_rollouts = per_rank * args.group_size  # sequences per rank per step
-    run.print(f"{len(records)} problems | {total_steps} steps x {args.batch_size} problems x {args.group_size} rollouts "
+    run.print(f"{len(records)} problems | {total_steps} steps x {args.batch_size} problems x {args.group_size} "
+              "rollouts "
               f"({world} ranks x {n_rollouts} sequences) | {sum(p.numel() for p in params):,} trainable parameters | "
               f"clip {args.ppo_clip_eps} kl {args.kl_beta} epochs {args.ppo_epochs} | {type(sampler).__name__}")
     record = {}
@@ -142,8 +143,8 @@ def main(argv=None):
         student_prompts = [prompts.student_prompt_ids(tokenizer, r["problem"], args.thinking) for r in batch]
         seeds = [plumbing.request_seed(args.seed, step, i) for i in indices]
         adapter = opsd.adapter_for(sampler, model, args.out_dir, rank, f"step{step}")
-        groups = [[s.ids for s in group] for group in sampler.generate(student_prompts, args.group_size, sampling, seeds,
-                                                                       adapter)]
+        samples = sampler.generate(student_prompts, args.group_size, sampling, seeds, adapter)
+        groups = [[s.ids for s in group] for group in samples]
         rollouts = [r for group in groups for r in group]  # problem-major: rollout i * G + j is (problem i, sample j)
         rollout_prompts = [p for p in student_prompts for _ in range(args.group_size)]
         t_sample = time.perf_counter() - t0
@@ -153,7 +154,8 @@ def main(argv=None):
         # 7. micro-batches; per token the rollout's advantage and weight 1/(|y_i| P G): the mean over a rollout's
         # tokens, then over rollouts. old_logp (E > 1) and ref_logp (kl_beta > 0) are fixed before any update
         parts = [slice(s, s + args.micro_batch_size) for s in range(0, n_rollouts, args.micro_batch_size)]
-        micro_batches = [opsd.build_batch(rollout_prompts[p], rollouts[p], tokenizer.pad_token_id, device) for p in parts]
+        micro_batches = [opsd.build_batch(rollout_prompts[p], rollouts[p], tokenizer.pad_token_id, device)
+                         for p in parts]
         fixed = []
         for part, b in zip(parts, micro_batches):
             given = {"advantages": advantages[part].repeat_interleave(b["lengths"]),
@@ -192,17 +194,18 @@ def main(argv=None):
                                    "zero_adv_groups": ((rewards == rewards[:, :1]).all(dim=1).float().mean(), "mean"),
                                    "clip_frac": (stats["clipped"], "mean"), "kl": (stats["kl"], "mean")}, world, device)
         generated_total += int(metrics["generated"])
-        elapsed, loss, grad_norm = time.perf_counter() - t0, sum(losses) / len(losses), sum(grad_norms) / len(grad_norms)
+        elapsed, loss, grad_norm = time.perf_counter() - t0, sum(losses) / len(losses), sum(grad_norms) / len(losses)
         # rollout_acc is the mean reward; generated_tokens(_total) are opsd.py's keys, for the token-budget comparison
-        record = {"step": step + 1, "loss": loss, **{k: metrics[k] for k in ("rollout_acc", "zero_adv_groups", "clip_frac",
-                                                                            "kl")},
+        record = {"step": step + 1, "loss": loss, **{k: metrics[k] for k in ("rollout_acc", "zero_adv_groups",
+                                                                            "clip_frac", "kl")},
                   "rollout_len": metrics["generated"] / (args.batch_size * args.group_size),
                   "generated_tokens": int(metrics["generated"]), "generated_tokens_total": generated_total,
                   "tokens_per_s": metrics["generated"] / elapsed, "lr": lr, "grad_norm": grad_norm,
                   "time_sample": t_sample, "time_step": elapsed}
         surrogate = f"loss {loss:.4f} | " if args.ppo_epochs > 1 else ""  # with one epoch it is 0 by construction
-        run.log(record, f"step {step + 1}/{total_steps} | {surrogate}reward {record['rollout_acc']:.2f} | zero-adv groups "
-                        f"{record['zero_adv_groups']:.2f} | grad norm {grad_norm:.3f} | len {record['rollout_len']:.0f} | "
+        run.log(record, f"step {step + 1}/{total_steps} | {surrogate}reward {record['rollout_acc']:.2f} | zero-adv "
+                        f"groups {record['zero_adv_groups']:.2f} | grad norm {grad_norm:.3f} | len "
+                        f"{record['rollout_len']:.0f} | "
                         f"{record['tokens_per_s']:.0f} tok/s | {elapsed:.1f}s")
         if run.eval_due(step, total_steps):
             run.evaluate(step + 1, sampler, tokenizer, thinking=args.thinking,

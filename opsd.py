@@ -54,7 +54,8 @@ import prompts
 from plumbing import bounded, count, fraction, nonnegative, positive_float, positive_int, probability
 
 # -----------------------------------------------------------------------------
-# 1. config: the options every training script shares (grpo.py and sft.py use these groups), then OPSD's own
+# 1. config: the options every training script shares (grpo.py and sft.py use these groups), then OPSD's own.
+# (A section's number is the stage of main() it serves.)
 
 PRESETS = {
     # the paper (arXiv 2601.18734): JSD beta 0.5 and a fixed teacher (Sec. 3), Table 4: lr 2e-5, batch 32, LoRA r=64
@@ -79,7 +80,8 @@ def model_options(parser, lora=True):
     group.add_argument("--model", default="Qwen/Qwen3-1.7B", help="HF id or local directory of the base model")
     group.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="auto: bf16 on CUDA")
     if lora:  # the training scripts' options
-        group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the loss")
+        group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                           help="torch.compile the per-token loss")
         group.add_argument("--lora-r", type=positive_int, default=64, help="LoRA rank")
         group.add_argument("--lora-alpha", type=positive_float, default=128, help="LoRA alpha")
         group.add_argument("--lora-dropout", type=fraction, default=0.0, help="LoRA dropout (0: sampling = scoring)")
@@ -264,9 +266,10 @@ def make_optimizer(args, params, total_updates):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 # -----------------------------------------------------------------------------
-# 5. sampling: prompts in as token ids; per prompt, n samples out as token ids (ending with the stop token when the
-# model stopped: it is trained like any other token) with their log-probs under the sampling distribution. A
-# request's samples depend only on its seed: not on the other requests of the call, nor on what ran before.
+# 5-6. sampling (the sampler, then the rollouts): prompts in as token ids; per prompt, n samples out as token ids
+# (ending with the stop token when the model stopped: it is trained like any other token) with their log-probs under
+# the sampling distribution. A request's samples depend only on its seed: not on the other requests of its call,
+# nor on what ran before.
 
 
 class Sample(NamedTuple):
@@ -430,8 +433,8 @@ def adapter_for(sampler, model, out_dir, rank, tag):
     return path
 
 # -----------------------------------------------------------------------------
-# 6. sequences: prompt ids + rollout ids, left-padded, so every sequence ends at the same column and no pad sits
-# between a prompt and its rollout; and the hidden states of the positions that predict the rollout tokens
+# 7. the teacher pass, the student pass and the loss. Sequences: prompt ids + rollout ids, left-padded, so every
+# sequence ends at the same column and no pad sits between a prompt and its rollout
 
 
 def build_batch(prompt_ids, completions, pad_id, device):
@@ -459,8 +462,7 @@ def completion_hidden(model, batch):
                                 position_ids=batch["position_ids"]).last_hidden_state  # (B, L, H)
     return hidden[batch["row_batch"], batch["row_pos"]]
 
-# -----------------------------------------------------------------------------
-# 7. the loss: the per-token divergence, and the chunk loop that makes it from hidden states C positions at a time
+# the loss: the per-token divergence, and the chunk loop that makes it from hidden states C positions at a time
 
 
 def upcast(x):
@@ -573,7 +575,8 @@ def chunked_loss_backward(student_hidden, teacher_hidden, head, teacher_head, ta
     return total, {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
 # -----------------------------------------------------------------------------
-# 8. the teacher's weights (fixed: the adapter off, or a frozen copy under full fine-tuning; live; EMA), the update
+# 8. the update (and, used by 7, the teacher's weights: fixed, the adapter off or a frozen copy under full
+# fine-tuning; live; EMA)
 
 
 @contextmanager
@@ -709,7 +712,7 @@ def main(argv=None):
             teacher_batch = build_batch(teacher_prompts[part], rollouts[part], tokenizer.pad_token_id, device)
             with torch.no_grad(), autocast(device, dtype), as_teacher(model, args.teacher_weights, teacher_copy):
                 teacher_hidden = completion_hidden(model, teacher_batch)  # (N, H)
-                # a swapped-in copy's head (full fine-tuning) is swapped back after: keep this one; LoRA's is the student's
+                # a swapped-in copy's head (full fine-tuning) is swapped back after: keep it; LoRA's is the student's
                 teacher_head = lm_parts(model)[1].detach().clone() if teacher_copy and args.full_finetune else None
             t1 = time.perf_counter()
             lengths = student_batch["lengths"].tolist()
@@ -730,7 +733,7 @@ def main(argv=None):
                 for copy, p in zip(teacher_copy, params):
                     copy.lerp_(p.detach(), 1 - args.ema_decay)  # copy = decay copy + (1 - decay) p
         times["update"] = time.perf_counter() - t0
-        # 9. log (per-rollout means, then over ranks), rollouts, eval, checkpoint
+        # 9. log (per-rollout means, then over ranks), rollouts, eval, checkpoint (plumbing)
         lengths, sampler_logp = [len(r) for r in rollouts], [lp for s in samples for lp in s.logprobs or []]
         mismatch = (out["logp"].cpu() - torch.tensor(sampler_logp)).abs() if sampler_logp else torch.zeros(1)
         truncated = sum(len(r) == args.max_new_tokens and r[-1] not in sampler.stop_ids for r in rollouts)

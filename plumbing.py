@@ -1,15 +1,14 @@
 """
-The run plumbing the scripts share: the part a reader can skip. No algorithm lives here; opsd.py, grpo.py,
-sft.py and eval.py hold theirs. It imports prompts.py only.
+The run plumbing the scripts share: the part a reader can skip. No algorithm lives here (opsd.py, grpo.py, sft.py and
+eval.py hold theirs, and opsd.py the option groups); it imports prompts.py only.
 
-  1. options: the option groups every training script has, presets, and the checks that run before any
-     model loads (a bad option costs a second, not a model load);
+  1. options: typed, bounded option values, presets, and the checks that run before any model loads;
   2. the out dir: one run per directory (a lock), never a silent reuse of an earlier run's;
   3. logging: one line per step (or a progress bar) and log.jsonl; JSON-lines files that a resume cuts back;
-  4. checkpoints: their layout, atomic writes, rotation that spares the newest and the best, and the checks
-     that a --resume continues the same script with the same settings;
-  5. the run: Run ties 2-4 together (start, restore, log, evaluate, end_step, finish); run_script makes
-     every user error one line and exit 2, and Ctrl-C a saved step and exit 130.
+  4. checkpoints: their layout (in one place, below), atomic writes, rotation that spares the newest and the best,
+     and the checks that a --resume continues the same script with the same, readable, settings and files;
+  5. the run: Run ties 2-4 together (start, restore, log, evaluate, end_step, save, finish); run_script makes every
+     user error one line and exit 2, and Ctrl-C a saved step and exit 130.
 """
 import argparse
 import errno
@@ -25,7 +24,6 @@ import re
 import shutil
 import signal
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -44,7 +42,8 @@ def bounded(kind, low, high=None, low_open=False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
-        if not math.isfinite(value) or (value <= low if low_open else value < low) or (high is not None and value > high):
+        below = value <= low if low_open else value < low
+        if not math.isfinite(value) or below or (high is not None and value > high):
             interval = f"{'(' if low_open else '['}{low}, {'inf' if high is None else high}]"
             raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text}")
         return value
@@ -113,7 +112,7 @@ def print0(*args, **kwargs):
 
 RUN_FILES = ("checkpoint-*", "latest", "best", "log.jsonl*", "rollouts*.jsonl*", "vllm_adapters", "samples*.jsonl",
              "samples.settings.json", "summary.json", "curve.*", ".lock")  # --overwrite deletes these, nothing else
-LEFTOVERS = ("log.jsonl*", "rollouts*.jsonl*", "checkpoint-*.tmp", "vllm_adapters")  # a run killed before its first save
+LEFTOVERS = ("log.jsonl*", "rollouts*.jsonl*", "checkpoint-*.tmp", "vllm_adapters")  # killed before its first save
 
 
 def claim_out_dir(out_dir, continuing, overwrite, master=True):
@@ -161,7 +160,8 @@ def no_space(path, error):
         s in str(error) for s in ("No space left", "iostream error", "unexpected pos", "file write failed"))
     if not full and os.path.exists(path):
         full = shutil.disk_usage(path).free < 2**20
-    return UserError(f"{path}: no space left on the device ({type(error).__name__}: {str(error)[:120]})") if full else None
+    return UserError(f"{path}: no space left on the device ({type(error).__name__}: {str(error)[:120]})") \
+        if full else None
 
 
 class JsonlFile:
@@ -187,7 +187,8 @@ class JsonlFile:
 
 def gather(values, world, device):
     """{name: (value, "sum" | "mean")} over ranks in one all-reduce and one host sync -> {name: float}."""
-    tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v, _ in values.values()])
+    tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
+                          for v, _ in values.values()])
     if world > 1:
         dist.all_reduce(tensor)
         tensor /= torch.tensor([world if how == "mean" else 1 for _, how in values.values()], device=device)
@@ -204,9 +205,9 @@ CHECKPOINT = "checkpoint-{:06d}"
 # settings a resumed run may change: where and how often it writes, how it is split into jobs, speed knobs that
 # leave the math unchanged; every other option must match the checkpoint's
 RESUMABLE_CHANGES = {"resume", "stop_after", "out_dir", "overwrite", "wandb", "save_every", "keep", "eval_every",
-                     "eval_data", "eval_samples", "eval_temperature", "eval_max_new_tokens", "micro_batch_size", "chunk_size", "sampler",
-                     "vllm_gpu_memory", "vllm_sleep", "grad_checkpointing", "preset", "compile", "progress_bar",
-                     "save_rollouts_every"}
+                     "eval_data", "eval_samples", "eval_temperature", "eval_max_new_tokens", "micro_batch_size",
+                     "chunk_size", "sampler", "vllm_gpu_memory", "vllm_sleep", "grad_checkpointing", "preset",
+                     "compile", "progress_bar", "save_rollouts_every"}
 
 
 def checkpoint_step(path):
@@ -216,8 +217,8 @@ def checkpoint_step(path):
 
 def weights_file(path):
     adapter = os.path.join(path, "adapter_model.safetensors")
-    return adapter if os.path.exists(adapter) else next(iter(sorted(glob.glob(os.path.join(path, "model*.safetensors")))),
-                                                        adapter)
+    full = sorted(glob.glob(os.path.join(path, "model*.safetensors")))
+    return adapter if os.path.exists(adapter) or not full else full[0]
 
 
 def is_complete(path):
@@ -264,11 +265,11 @@ def read_checkpoint(args, script):
     an out dir whose run never completed a checkpoint (it starts again from step 0)."""
     path = follow_latest(args.resume)
     if not os.path.exists(os.path.join(path, "run.json")):
-        if glob.glob(os.path.join(args.resume, "log.jsonl")) or glob.glob(os.path.join(args.resume, "checkpoint-*.tmp")):
+        if any(glob.glob(os.path.join(args.resume, leftover)) for leftover in ("log.jsonl", "checkpoint-*.tmp")):
             print0(f"--resume {args.resume}: the run there never completed a checkpoint; starting it from step 0")
             return None
-        raise UserError(f"--resume {args.resume}: no checkpoint there (no run.json; not a checkpoint dir, nor an out dir "
-                        "with one)")
+        raise UserError(f"--resume {args.resume}: no checkpoint there (no run.json; not a checkpoint dir, nor an out "
+                        "dir with one)")
     with open(os.path.join(path, "run.json")) as f:
         saved = json.load(f)
     if saved["script"] != script:
@@ -281,7 +282,8 @@ def read_checkpoint(args, script):
         raise UserError(f"--resume {path}: written with other settings: " + "; ".join(
             f"--{k.replace('_', '-')} was {old!r}, now {new!r}" for k, (old, new) in changed.items()))
     states = []
-    for file in ("trainer_state.pt", f"rng_rank{int(os.environ.get('RANK', 0))}.pt", os.path.basename(weights_file(path))):
+    rank = int(os.environ.get("RANK", 0))
+    for file in ("trainer_state.pt", f"rng_rank{rank}.pt", os.path.basename(weights_file(path))):
         try:
             if file.endswith(".safetensors"):
                 from safetensors import safe_open
@@ -289,7 +291,8 @@ def read_checkpoint(args, script):
                     continue
             states.append(torch.load(os.path.join(path, file), map_location="cpu", weights_only=False))
         except Exception as e:  # a missing, truncated or corrupt file: all mean "unreadable"
-            earlier = [p for p in complete_checkpoints(os.path.dirname(path)) if checkpoint_step(p) < checkpoint_step(path)]
+            earlier = [p for p in complete_checkpoints(os.path.dirname(path))
+                       if checkpoint_step(p) < checkpoint_step(path)]
             offer = f"; resume from the one before it: --resume {earlier[-1]}" if earlier else ""
             raise UserError(f"--resume: {os.path.join(path, file)} is unreadable ({type(e).__name__}: "
                             f"{str(e)[:200]}){offer}") from e
@@ -333,7 +336,8 @@ class Run:
     every check (--eval-data, --resume, --out-dir) has run by then."""
 
     def __init__(self, args, script, rank, world, device):
-        self.args, self.script, self.rank, self.world, self.device, self.master = args, script, rank, world, device, rank == 0
+        self.args, self.script, self.rank, self.world, self.device = args, script, rank, world, device
+        self.master = rank == 0
         if args.batch_size % world:
             raise UserError(f"--batch-size {args.batch_size} must be divisible by the number of ranks ({world})")
         self.eval_records = prompts.load_records(args.eval_data, None, require=("problem", "answer")) \
@@ -411,8 +415,8 @@ class Run:
         """The periodic eval: --eval-samples samples per --eval-data problem from the current weights (`adapter`:
         where vLLM reads them), graded; logged as a record. A new best score makes this step's checkpoint `best`."""
         args, records = self.args, self.eval_records[self.rank::self.world]
-        sampling = dict(max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens, temperature=args.eval_temperature,
-                        top_p=1.0, top_k=0)
+        sampling = dict(max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens,
+                        temperature=args.eval_temperature, top_p=1.0, top_k=0)
         rows = graded_samples(tokenizer, records, sampler, args.eval_samples, sampling, thinking, args.seed, adapter)
         totals = gather({"correct": (sum(r["correct"] for r in rows), "sum"), "samples": (len(rows), "sum"),
                          "length": (sum(r["length"] for r in rows), "sum")}, self.world, self.device)
@@ -470,7 +474,8 @@ class Run:
             if self.best is not None and self.best["step"] == step:
                 point(out_dir, "best", path)
             spared = {os.path.abspath(p) for p in (path, named(out_dir, "best")) if p}
-            older = [p for p in complete_checkpoints(out_dir) if checkpoint_step(p) < step and os.path.abspath(p) not in spared]
+            older = [p for p in complete_checkpoints(out_dir)
+                     if checkpoint_step(p) < step and os.path.abspath(p) not in spared]
             for old in older[:max(0, len(older) - (self.args.keep - 1))]:
                 shutil.rmtree(old)
         if self.world > 1:

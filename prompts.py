@@ -37,7 +37,8 @@ TEACHER_CONTEXTS = {
                  "After understanding the reference solution, please try to solve this problem on your own: "
                  "reason it through in your own words, without copying the reference solution."),
     "answer": ("The final answer is {answer}.",
-               "Knowing the final answer, please try to solve this problem on your own: reason it through step by step."),
+               "Knowing the final answer, please try to solve this problem on your own: "
+               "reason it through step by step."),
 }
 
 
@@ -220,7 +221,8 @@ def load_records(source: str, split: str | None = None, require=("problem", "ans
             if record[name] is None:
                 columns = {"problem": PROBLEM_COLUMNS, "answer": ANSWER_COLUMNS}.get(name, (name,))
                 present = [c for c in columns if c in row]
-                why = f"its {present[0]!r} is empty" if present else f"it has no {name!r} column (columns: {sorted(row)})"
+                why = f"its {present[0]!r} is empty" if present else \
+                    f"it has no {name!r} column (columns: {sorted(row)})"
                 if name == "answer" and solution is not None:
                     why += " and its solution has no \\boxed{} answer"
                 raise UserError(f"{source}: row {index} has no {name}: {why}")

@@ -51,11 +51,12 @@ def tokenize_examples(records, tokenizer, thinking, max_length):
     examples = []
     for record in records:
         if record.get("reference"):  # teacher format: the reference is in the prompt
-            prompt = prompts.teacher_prompt_ids(tokenizer, {"problem": record["problem"], "solution": record["reference"]},
-                                                thinking)
+            context = {"problem": record["problem"], "solution": record["reference"]}
+            prompt = prompts.teacher_prompt_ids(tokenizer, context, thinking)
         else:
             prompt = prompts.student_prompt_ids(tokenizer, record["problem"], thinking)
-        examples.append((prompt, prompts.completion_ids(tokenizer, record["solution"])[:max(1, max_length - len(prompt))]))
+        target = prompts.completion_ids(tokenizer, record["solution"])[:max(1, max_length - len(prompt))]
+        examples.append((prompt, target))
     return examples
 
 # -----------------------------------------------------------------------------
@@ -84,7 +85,7 @@ def main(argv=None):
     parser = get_parser()
     args = plumbing.parse_config(parser, argv, implied={"from_scratch": {"full_finetune": True}})
     if args.stop_at_eval_avg is not None and not args.eval_every:
-        raise prompts.UserError("--stop-at-eval-avg needs --eval-every (and --eval-data): it stops on the periodic eval")
+        raise prompts.UserError("--stop-at-eval-avg needs --eval-every (and --eval-data): it stops at a periodic eval")
     # 2. torchrun
     rank, world, device = opsd.init_distributed()
     dtype = opsd.compute_dtype(args.dtype, device)

@@ -31,3 +31,11 @@ def test_bench_gpu_smoke_runs_the_gpu_checks_code_on_cpu(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert table in out and "without --grad-checkpointing" in table and "with --grad-checkpointing" in table
     assert table.count("| 256 |") == 3 and "naive (T x V logits)" in table and "(the rollouts above)" in table
+
+
+def test_the_memory_plan_counts_the_public_qwen3_shapes():
+    out = run("bench_gpu.py", "--memory-plan")
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in out.splitlines() if line.startswith("| Qwen3-")}
+    assert list(rows) == ["Qwen3-1.7B", "Qwen3-4B", "Qwen3-8B", "Qwen3-14B", "Qwen3-32B"]
+    assert rows["Qwen3-1.7B"][1] == "3.4 GB"  # 1.72B parameters in bf16 (the embedding is tied)
+    assert rows["Qwen3-8B"][1] == "16.4 GB" and rows["Qwen3-32B"][7].startswith("no")

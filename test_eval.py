@@ -126,13 +126,14 @@ def test_adapter_is_loaded_and_changes_the_outputs(tiny, tmp_path):
     adapter = make_adapter(tiny, str(tmp_path / "adapter"))
     saved = load_file(os.path.join(adapter, "adapter_model.safetensors"))
     from peft import PeftModel
-    loaded = dict(PeftModel.from_pretrained(opsd.load_model(tiny["model"], torch.device("cpu"))[0], adapter).named_parameters())
+    base = opsd.load_model(tiny["model"], torch.device("cpu"))[0]
+    loaded = dict(PeftModel.from_pretrained(base, adapter).named_parameters())
     for name, value in saved.items():
         match = [p for n, p in loaded.items() if n.replace(".default", "") == name]
         assert len(match) == 1 and torch.equal(match[0], value), name
     base = evaluate.main(cli(tiny, tmp_path / "base"))
     tuned = evaluate.main(cli(tiny, tmp_path / "tuned", "--adapter", adapter))
-    base_rows, tuned_rows = read_rows(tmp_path / "base" / "samples.jsonl"), read_rows(tmp_path / "tuned" / "samples.jsonl")
+    base_rows, tuned_rows = (read_rows(tmp_path / d / "samples.jsonl") for d in ("base", "tuned"))
     check_consistent(tuned, tuned_rows, 5, 2)
     assert [r["completion"] for r in base_rows] != [r["completion"] for r in tuned_rows]
     assert base["samples"] == tuned["samples"]
@@ -164,8 +165,8 @@ def test_resume_samples_only_the_missing_problems_and_gives_the_same_summary(tin
     rows = read_rows(stopped / "samples.jsonl")  # every line whole, none twice
     check_consistent(resumed, rows, 5, 2)
     key = lambda r: (r["problem_id"], r["sample"])  # noqa: E731
-    assert sorted(map(json.dumps, sorted(rows, key=key))) == sorted(map(json.dumps, sorted(read_rows(tmp_path / "full" /
-                                                                                                   "samples.jsonl"), key=key)))
+    uninterrupted = read_rows(tmp_path / "full" / "samples.jsonl")
+    assert sorted(map(json.dumps, sorted(rows, key=key))) == sorted(map(json.dumps, sorted(uninterrupted, key=key)))
     # resuming a finished run samples nothing
     asked.clear()
     assert evaluate.main(cli(tiny, stopped, "--resume", temperature=temperature)) == full and asked == []
@@ -230,8 +231,8 @@ class FakeSampler:
         for ids in prompt_ids:
             text = self.tokenizer.decode(ids)
             a, b = map(int, text.split("What is ")[1].split("?")[0].split("*"))
-            out.append([opsd.Sample(self.tokenizer(f"\\boxed{{{a * b + (s if len(ids) % 2 else 0)}}}")["input_ids"], None)
-                        for s in range(n)])
+            answers = [a * b + (s if len(ids) % 2 else 0) for s in range(n)]
+            out.append([opsd.Sample(self.tokenizer(f"\\boxed{{{x}}}")["input_ids"], None) for x in answers])
         return out
 
 
@@ -250,7 +251,8 @@ def test_ranks_split_the_problems_and_all_return_the_single_process_summary(tiny
     mp.spawn(_two_ranks, args=(2, {"tokenizer": tiny["tokenizer"], "records": records}, port, results), nprocs=2)
     assert results[0] == results[1]  # all-reduced: the same on every rank
     assert results[0]["benchmarks"]["data"] == pytest.approx(single["benchmarks"]["data"])  # sums in another order
-    assert {k: v for k, v in results[0].items() if k != "benchmarks"} == pytest.approx({k: v for k, v in single.items() if k != "benchmarks"})
+    overall = lambda summary: {k: v for k, v in summary.items() if k != "benchmarks"}  # noqa: E731
+    assert overall(results[0]) == pytest.approx(overall(single))
 
 
 def test_resume_with_another_model_or_settings_is_refused_and_names_them(tiny, tmp_path):
@@ -277,7 +279,8 @@ def test_a_kill_loses_at_most_the_sampler_call_in_flight(tiny, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         evaluate.run_eval(tiny["tokenizer"], records, DiesOnSecondCall(tiny["tokenizer"]), n=2, sampling=SAMPLING,
                           thinking=False, out_path=str(tmp_path / "samples.jsonl"), batch_size=2)
-    assert sorted({r["problem_id"] for r in read_rows(tmp_path / "samples.jsonl")}) == [0, 1]  # the first call's 2 problems
+    # the first call's 2 problems
+    assert sorted({r["problem_id"] for r in read_rows(tmp_path / "samples.jsonl")}) == [0, 1]
 
 
 def test_thinking_is_on_by_default_and_the_flag_reads_that_way():
@@ -286,12 +289,12 @@ def test_thinking_is_on_by_default_and_the_flag_reads_that_way():
 
 
 def test_checkpoints_of_a_run_each_get_a_summary_and_the_curve_resumably(tiny, tmp_path, monkeypatch):
-    """eval.py --checkpoints RUN_DIR: every complete checkpoint evaluated in a directory of its own, the curve as a table
-    and a plot, and --resume skips the finished checkpoints (here the one whose summary exists)."""
+    """eval.py --checkpoints RUN_DIR: every complete checkpoint evaluated in a directory of its own, the curve as a
+    table and a plot, and --resume skips the finished checkpoints (here the one whose summary exists)."""
     run = tmp_path / "run"
     sft.main(["--model", tiny["model"], "--data", tiny["data"], "--batch-size", "2", "--micro-batch-size", "2",
-              "--lora-r", "4", "--lora-alpha", "8", "--lr", "5e-2", "--max-steps", "3", "--save-every", "1", "--keep", "5",
-              "--no-compile", "--out-dir", str(run)])
+              "--lora-r", "4", "--lora-alpha", "8", "--lr", "5e-2", "--max-steps", "3", "--save-every", "1",
+              "--keep", "5", "--no-compile", "--out-dir", str(run)])
     out = tmp_path / "curve"
     result = evaluate.main(cli(tiny, out, "--checkpoints", str(run)))
     assert [c["step"] for c in result["curve"]] == [1, 2, 3]
@@ -300,7 +303,8 @@ def test_checkpoints_of_a_run_each_get_a_summary_and_the_curve_resumably(tiny, t
         assert summary["config"]["checkpoints"] == str(run) and summary["samples"] == 10
     assert (out / "curve.md").read_text().count("\n") == 5 and "(best)" in (out / "curve.md").read_text()
     assert (out / "curve.png").stat().st_size > 1000
-    completions = {s: [r["completion"] for r in read_rows(out / f"checkpoint-00000{s}" / "samples.jsonl")] for s in (1, 3)}
+    completions = {s: [r["completion"] for r in read_rows(out / f"checkpoint-00000{s}" / "samples.jsonl")]
+                   for s in (1, 3)}
     assert completions[1] != completions[3]  # each checkpoint's own adapter was used
     os.remove(out / "checkpoint-000002" / "summary.json")
     asked = []
@@ -308,7 +312,8 @@ def test_checkpoints_of_a_run_each_get_a_summary_and_the_curve_resumably(tiny, t
     monkeypatch.setattr(opsd.HFSampler, "generate", lambda self, ids, *a, **k: asked.append(len(ids)) or
                         generate(self, ids, *a, **k))
     again = evaluate.main(cli(tiny, out, "--checkpoints", str(run), "--resume"))
-    assert asked == [] and again["curve"] == result["curve"]  # checkpoint 2's samples were all there: none sampled again
+    # checkpoint 2's samples were all there: none sampled again
+    assert asked == [] and again["curve"] == result["curve"]
 
 
 def test_every_sampling_option_reaches_the_sampler(tiny, tmp_path, monkeypatch):

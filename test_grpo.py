@@ -112,7 +112,8 @@ def test_kl_term_is_k3_to_the_reference():
 def test_chunked_log_probs_equal_the_full_ones_and_their_gradient():
     generator = torch.Generator().manual_seed(3)
     hidden = torch.randn(11, 8, dtype=torch.float64, generator=generator, requires_grad=True)
-    head, targets = torch.randn(30, 8, dtype=torch.float64, generator=generator), torch.randint(30, (11,), generator=generator)
+    head = torch.randn(30, 8, dtype=torch.float64, generator=generator)
+    targets = torch.randint(30, (11,), generator=generator)
     full = (hidden @ head.T / 0.7).log_softmax(-1).gather(-1, targets[:, None])[:, 0]
     (grad,) = torch.autograd.grad(full.sum(), hidden)
     chunked = grpo.rollout_logprobs(hidden, head, targets, 0.7, chunk_size=4)  # a ragged last chunk
@@ -162,8 +163,9 @@ def test_update_raises_positive_and_lowers_negative_advantage_rollouts(world):
                 ["3*4+0=12\n\\boxed{492}", "hello world", "\\boxed{7}", "9*9+8=89\n2*4+1=9"]]
     advantages = grpo.group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]])).flatten()  # (+, -, -, +)
     batch = opsd.build_batch([prompt] * 4, rollouts, tokenizer.pad_token_id, torch.device("cpu"))
-    logp = lambda: grpo.rollout_logprobs(opsd.completion_hidden(model, batch), opsd.lm_parts(model)[1], batch["targets"],
-                                         1.0, 16)  # noqa: E731
+    def logp():
+        return grpo.rollout_logprobs(opsd.completion_hidden(model, batch), opsd.lm_parts(model)[1], batch["targets"],
+                                     1.0, 16)
     with torch.no_grad():
         before = torch.stack([part.sum() for part in logp().split(batch["lengths"].tolist())])
     # a LoRA adapter starts at B = 0, so the first step only moves B: take a few small SGD steps
@@ -196,7 +198,8 @@ def test_resume_equals_uninterrupted_run(world, tmp_path, monkeypatch):
     assert any(v.abs().sum() > 0 for k, v in final_full.items() if "lora_B" in k)  # the policy did move
     assert final_full.keys() == final_resumed.keys()
     assert all(torch.equal(final_full[k], final_resumed[k]) for k in final_full)
-    for key in ["loss", "rollout_acc", "zero_adv_groups", "generated_tokens", "generated_tokens_total", "lr", "grad_norm"]:
+    for key in ["loss", "rollout_acc", "zero_adv_groups", "generated_tokens", "generated_tokens_total", "lr",
+                "grad_norm"]:
         assert full[key] == resumed[key], key
     log = [json.loads(line) for line in open(tmp_path / "resumed" / "log.jsonl")]
     assert [r["step"] for r in log] == [3, 4]
@@ -214,12 +217,14 @@ def test_ppo_epochs_reuse_the_rollouts_and_the_schedule_counts_updates(world, tm
     assert second["lr"] == pytest.approx(0.25e-2)
 
 
-def test_the_step_line_shows_reward_and_gradient_not_a_loss_that_is_zero_by_construction(world, tmp_path, monkeypatch, capsys):
+def test_the_step_line_shows_reward_and_gradient_not_a_loss_that_is_zero_by_construction(world, tmp_path, monkeypatch,
+                                                                                          capsys):
     monkeypatch.setattr(prompts, "grade", parity_reward)
     summary = grpo.main(run_args(world, tmp_path, "--max-steps", "1"))
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("step 1/1"))
     assert "reward" in line and "grad norm" in line and "loss" not in line
-    assert abs(summary["loss"]) < 1e-6 and summary["grad_norm"] > 0  # the loss is 0 with one epoch (to rounding); its gradient is not
+    # the loss is 0 with one epoch (to rounding); its gradient is not
+    assert abs(summary["loss"]) < 1e-6 and summary["grad_norm"] > 0
 
 
 def test_a_bf16_step_matches_the_fp32_step(world, tmp_path, monkeypatch):

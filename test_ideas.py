@@ -36,8 +36,8 @@ def load_idea(name, directory):
 
 def train(main, world, out_dir, *flags):
     main(["--model", world["model"], "--data", world["data"], "--batch-size", "2", "--micro-batch-size", "2",
-          "--max-new-tokens", "8", "--lora-r", "8", "--lora-alpha", "16", "--lr", "1e-2", "--max-steps", "2", "--no-compile",
-          "--out-dir", str(out_dir), *flags])
+          "--max-new-tokens", "8", "--lora-r", "8", "--lora-alpha", "16", "--lr", "1e-2", "--max-steps", "2",
+          "--no-compile", "--out-dir", str(out_dir), *flags])
     return load_file(os.path.join(out_dir, "checkpoint-000002", "adapter_model.safetensors"))
 
 
@@ -83,7 +83,8 @@ def test_geometric_mixture_trains_two_steps(world, tmp_path):
 def test_reference_only_correction_at_lambda_0_trains_bit_for_bit_as_opsd(world, tmp_path):
     idea = load_idea("reference_only", tmp_path / "code")
     vanilla = train(opsd.main, world, tmp_path / "opsd")
-    zero = train(idea.main, world, tmp_path / "lambda0", "--reference-correction", "0")  # the third pass runs, and weighs 0
+    # the third pass runs, and weighs 0
+    zero = train(idea.main, world, tmp_path / "lambda0", "--reference-correction", "0")
     assert vanilla.keys() == zero.keys() and all(torch.equal(vanilla[k], zero[k]) for k in vanilla)
     corrected = train(idea.main, world, tmp_path / "lambda1", "--reference-correction", "1")
     assert any(not torch.equal(vanilla[k], corrected[k]) for k in vanilla)  # and lambda > 0 does change the update

@@ -44,7 +44,7 @@ def run_args(world, out_dir, *extra):
 
 
 TEMPERATURE = 1.1  # opsd.py's default: not 1, so the scaling of both logits is exercised
-LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+LORA = dict(r=8, lora_alpha=16, target_modules=plumbing.LORA_TARGETS.split(","))  # every linear layer
 
 
 def token_loss(temperature=TEMPERATURE, **options):
@@ -152,9 +152,9 @@ def test_the_chunk_loop_backpropagates_through_the_model_as_the_full_loss_does(w
     naive.backward()
     expected = [p.grad.clone() for p in trainable(model)]
     model.zero_grad()
+    loss_grad = opsd.loss_and_gradient(token_loss(beta=0.5, temperature=1.0), compile=False)
     loss, _ = opsd.chunked_loss_backward(opsd.completion_hidden(model, batch), teacher_hidden, head, head.detach(),
-                                         batch["targets"], weights, opsd.loss_and_gradient(token_loss(beta=0.5, temperature=1.0),
-                                                                                           compile=False), chunk_size=4)
+                                         batch["targets"], weights, loss_grad, chunk_size=4)
     assert abs(loss.item() - naive.item()) < 1e-12
     assert max((p.grad - g).abs().max().item() for p, g in zip(trainable(model), expected)) < 1e-12
     assert max(g.abs().max().item() for g in expected) > 1e-4
@@ -201,8 +201,9 @@ def test_generalized_jsd_endpoints_are_forward_and_reverse_kl():
     reverse_kl = (p_student * (p_student / p_teacher).log()).sum(-1)  # KL(p_S || p_T)
     assert (forward_kl - reverse_kl).abs().max() > 0.1  # the two differ, so swapping them would fail
     logp = lambda x: x.log_softmax(-1)  # noqa: E731
-    torch.testing.assert_close(opsd.generalized_jsd(logp(student), logp(teacher), 0.0).double(), forward_kl, atol=1e-5, rtol=0)
-    torch.testing.assert_close(opsd.generalized_jsd(logp(student), logp(teacher), 1.0).double(), reverse_kl, atol=1e-5, rtol=0)
+    jsd = lambda beta: opsd.generalized_jsd(logp(student), logp(teacher), beta).double()  # noqa: E731
+    torch.testing.assert_close(jsd(0.0), forward_kl, atol=1e-5, rtol=0)
+    torch.testing.assert_close(jsd(1.0), reverse_kl, atol=1e-5, rtol=0)
     torch.testing.assert_close(opsd.generalized_jsd(logp(student), logp(teacher), 0.3).double(),
                                reference_jsd(student.double(), teacher.double(), 0.3), atol=1e-5, rtol=0)
 
@@ -301,8 +302,8 @@ def test_entry_clip_caps_each_vocabulary_term_and_can_push_the_teachers_favourit
 
 
 def test_vopd_baseline_leaves_the_expected_gradient_unchanged():
-    """E_{y ~ p_S}[grad(-A(y) log p_S(y))] by exact enumeration over a 7-token vocabulary: with A = log p_T - log p_S and
-    with the vOPD baseline A + KL(p_S || p_T) (a constant per position), the expectation is the same."""
+    """E_{y ~ p_S}[grad(-A(y) log p_S(y))] by exact enumeration over a 7-token vocabulary: with A = log p_T - log p_S
+    and with the vOPD baseline A + KL(p_S || p_T) (a constant per position), the expectation is the same."""
     generator = torch.Generator().manual_seed(11)
     vocab = 7
     z = torch.randn(vocab, generator=generator, dtype=torch.float64) * 2
@@ -324,7 +325,8 @@ def test_vopd_baseline_leaves_the_expected_gradient_unchanged():
 
 def test_diagnostics_are_the_students_entropy_argmax_agreement_and_sampled_logp():
     problem = loss_problem(n=10, seed=12)
-    problem["teacher_hidden"] = problem["student_hidden"] + 0.7 * problem["teacher_hidden"]  # close: they agree sometimes
+    # close: they agree sometimes
+    problem["teacher_hidden"] = problem["student_hidden"] + 0.7 * problem["teacher_hidden"]
     student_logits, teacher_logits = logits_of(problem)
     out = token_loss(beta=0.5)(student_logits, teacher_logits, problem["targets"])
     p = (student_logits / TEMPERATURE).double().softmax(-1)
@@ -333,8 +335,9 @@ def test_diagnostics_are_the_students_entropy_argmax_agreement_and_sampled_logp(
     agree = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float()
     assert torch.equal(out["agreement"], agree)
     assert 0 < agree.sum() < 10  # both cases occur, so a constant would fail
-    assert [m.lower() for m in opsd.EPISTEMIC.findall("Wait, hmm... but maybe 3. Let me check: butter is waiting; PERHAPS.")] == \
-        ["wait", "hmm", "but", "maybe", "let me check", "perhaps"]
+    text = "Wait, hmm... but maybe 3. Let me check: butter is waiting; PERHAPS."
+    found = [m.lower() for m in opsd.EPISTEMIC.findall(text)]
+    assert found == ["wait", "hmm", "but", "maybe", "let me check", "perhaps"]
 
 # -----------------------------------------------------------------------------
 # 4. sequences: left padding, rows, lengths; and sampling with one seed per request
@@ -404,7 +407,8 @@ def test_padded_batch_scores_equal_unpadded(world):
 
 def hf_sampler(world, model=None):
     model = model or opsd.load_model(world["model"], CPU)[0].eval()
-    return opsd.HFSampler(model, world["tokenizer"], opsd.stop_token_ids(world["tokenizer"], world["model"]), batch_size=4)
+    stop_ids = opsd.stop_token_ids(world["tokenizer"], world["model"])
+    return opsd.HFSampler(model, world["tokenizer"], stop_ids, batch_size=4)
 
 
 def test_hf_samples_depend_only_on_their_seed_not_on_the_batch(world):
@@ -413,7 +417,8 @@ def test_hf_samples_depend_only_on_their_seed_not_on_the_batch(world):
     problems = [prompts.student_prompt_ids(tokenizer, r["problem"]) for r in prompts.load_records(world["data"])[:6]]
     sampling = dict(max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=20)
     together = sampler.generate(problems, 2, sampling, seeds=list(range(100, 106)))  # batches of 4 rows
-    alone = [sampler.generate([p], 2, sampling, seeds=[100 + i])[0] for i, p in reversed(list(enumerate(problems)))][::-1]
+    alone = [sampler.generate([p], 2, sampling, seeds=[100 + i])[0]
+             for i, p in reversed(list(enumerate(problems)))][::-1]  # one at a time, in another order
     assert [[s.ids for s in group] for group in together] == [[s.ids for s in group] for group in alone]
     assert len({tuple(s.ids) for group in together for s in group}) == 12  # every sample differs
     other = sampler.generate(problems[:1], 2, sampling, seeds=[7])[0]
@@ -431,8 +436,8 @@ def test_hf_seeded_sampling_draws_from_the_warped_distribution(world):
         logits = model(input_ids=torch.tensor([prompt])).logits[0, -1] / 0.7
     top = logits.topk(5).indices
     expected = torch.zeros_like(logits).index_put_((top,), logits[top].softmax(-1))
-    first = [s[0].ids[0] for s in sampler.generate([prompt] * 4000, 1, dict(max_new_tokens=1, temperature=0.7, top_p=1.0,
-                                                                              top_k=5), seeds=list(range(4000)))]
+    sampling = dict(max_new_tokens=1, temperature=0.7, top_p=1.0, top_k=5)
+    first = [s[0].ids[0] for s in sampler.generate([prompt] * 4000, 1, sampling, seeds=list(range(4000)))]
     frequency = torch.bincount(torch.tensor(first), minlength=len(logits)).float() / 4000
     assert set(first) <= set(top.tolist())
     assert (frequency - expected).abs().max() < 0.03  # 3.3 sigma of a binomial at p = 0.5, n = 4,000
@@ -504,7 +509,7 @@ def test_teacher_modes_live_ema_and_full_finetune_swap_in_and_back(world):
 
 
 def test_the_ema_teacher_moves_by_one_minus_decay_per_step(world, tmp_path, monkeypatch):
-    """copy <- decay copy + (1 - decay) p after each update: checked against the saved adapter and copy, step by step."""
+    """copy <- decay copy + (1 - decay) p after each update: checked against the saved copies, step by step."""
     captured = capture_run(monkeypatch)
     out = tmp_path / "run"
     opsd.main(run_args(world, out, "--max-steps", "2", "--save-every", "1", "--keep", "5", "--teacher-weights", "ema",
@@ -570,7 +575,8 @@ DDP_WRAPPER = textwrap.dedent("""
     import plumbing
     captured, real = {}, plumbing.Run.restore
     def trainable(model):  # PEFT's names, less the adapter name, are the keys of the saved adapter file
-        return {name.replace(".default", ""): p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        return {name.replace(".default", ""): p.detach().clone() for name, p in model.named_parameters()
+                if p.requires_grad}
     def restore(run, model, *args, **kwargs):
         captured.update(run=run, model=model, initial=trainable(model))
         return real(run, model, *args, **kwargs)
@@ -628,7 +634,8 @@ def test_resume_continues_exactly_and_the_rollouts_file_holds_each_step_once(wor
     opsd.main(run_args(world, tmp_path / "straight", *argv))
     with monkeypatch.context() as patch:  # the same run, killed right after its step-2 checkpoint... and after step 3
         # eval_due comes after step 3's log and rollouts are written: a resume must cut both back to step 2
-        patch.setattr(plumbing.Run, "eval_due", lambda run, step, total: step == 2 and (_ for _ in ()).throw(StopAfter()))
+        patch.setattr(plumbing.Run, "eval_due",
+                      lambda run, step, total: step == 2 and (_ for _ in ()).throw(StopAfter()))
         with pytest.raises(StopAfter):
             opsd.main(run_args(world, tmp_path / "split", *argv))
     assert not (tmp_path / "split" / "checkpoint-000004").exists()
@@ -728,8 +735,9 @@ def test_a_long_reference_is_cut_and_counted_and_a_prompt_past_the_context_is_na
     assert cut and record["solution"].endswith(prompts.REFERENCE_CUT) and record["problem"] == rows[1]["problem"]
     argv = run_args(world, tmp_path / "long", "--max-steps", "1")
     argv[argv.index("--data") + 1] = str(data)
-    with pytest.raises(prompts.UserError, match=r"long\.jsonl: row 1: the teacher prompt .* exceed the model's 1,024-position "
-                                                r"context; cut the reference with --max-reference-tokens"):
+    message = r"long\.jsonl: row 1: the teacher prompt .* exceed the model's 1,024-position context; cut the " \
+              r"reference with --max-reference-tokens"
+    with pytest.raises(prompts.UserError, match=message):
         opsd.main(argv)
 
 # -----------------------------------------------------------------------------
@@ -737,7 +745,7 @@ def test_a_long_reference_is_cut_and_counted_and_a_prompt_past_the_context_is_na
 
 
 def fixed_rollouts(sampler, prompt_ids, n, sampling, seeds, adapter=None):
-    """Rollouts that depend only on the seeds: the same in a bf16 run and an fp32 run, whose own samples would differ."""
+    """Rollouts that depend only on the seeds: the same in a bf16 and an fp32 run, whose own samples would differ."""
     return [[opsd.Sample(torch.randint(3, 300, (12,), generator=torch.Generator().manual_seed(s)).tolist(), None)]
             for s in seeds]
 
@@ -789,8 +797,8 @@ def test_a_bf16_step_matches_the_fp32_step_and_keeps_trained_weights_fp32(world,
 def test_the_softmaxes_and_the_divergence_run_in_fp32_under_bf16_logits():
     problem = loss_problem(n=8, seed=3)
     student, teacher = (x.bfloat16() for x in logits_of(problem))
-    grad, (loss, out) = opsd.loss_and_gradient(token_loss(beta=0.5), compile=False)(student, teacher, problem["targets"],
-                                                                                  problem["token_weights"])
+    loss_grad = opsd.loss_and_gradient(token_loss(beta=0.5), compile=False)
+    grad, (loss, out) = loss_grad(student, teacher, problem["targets"], problem["token_weights"])
     assert loss.dtype == torch.float32 and out["divergence"].dtype == torch.float32 and grad.dtype == torch.bfloat16
     expected = (reference_jsd(student.double() / TEMPERATURE, teacher.double() / TEMPERATURE, 0.5) *
                 problem["token_weights"].double()).sum()
@@ -834,7 +842,8 @@ def test_options_that_do_nothing_in_a_combination_are_refused(world, tmp_path, a
 def test_recipes_by_name_and_a_flag_still_wins(world, preset, expected):
     args = plumbing.parse_config(opsd.get_parser(), ["--preset", preset, "--model", world["model"]])
     assert {k: getattr(args, k) for k in expected} == expected
-    assert plumbing.parse_config(opsd.get_parser(), ["--preset", preset, "--model", world["model"], "--lr", "1e-4"]).lr == 1e-4
+    argv = ["--preset", preset, "--model", world["model"], "--lr", "1e-4"]
+    assert plumbing.parse_config(opsd.get_parser(), argv).lr == 1e-4
 
 
 def test_answer_only_teacher_sees_the_answer_and_not_the_solution_and_needs_no_solution(world, tmp_path, monkeypatch):

@@ -62,8 +62,9 @@ def project_imports(path):
 
     def visit(node, in_function):
         for child in ast.iter_child_nodes(node):
-            names = ([a.name for a in child.names] if isinstance(child, ast.Import)
-                     else [child.module] if isinstance(child, ast.ImportFrom) and child.module and child.level == 0 else [])
+            absolute = isinstance(child, ast.ImportFrom) and child.module and child.level == 0
+            names = [a.name for a in child.names] if isinstance(child, ast.Import) else \
+                [child.module] if absolute else []
             found.extend((n.split(".")[0], in_function) for n in names if n.split(".")[0] in project)
             visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)))
     visit(tree, False)
@@ -77,7 +78,8 @@ def test_the_import_graph_is_a_tree_with_opsd_as_the_building_blocks():
     for path in glob.glob(os.path.join(HERE, "*.py")):
         module = os.path.splitext(os.path.basename(path))[0]
         imports = project_imports(path)
-        assert not [m for m, in_function in imports if in_function], f"{module}.py imports a project module inside a function"
+        hidden = [m for m, in_function in imports if in_function]
+        assert not hidden, f"{module}.py imports a project module inside a function"
         graph[module] = {m for m, _ in imports}
     assert graph["prompts"] == set() and graph["plumbing"] == {"prompts"} and graph["opsd"] == {"plumbing", "prompts"}
     for script in ("grpo", "sft", "eval"):
@@ -160,7 +162,8 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "--lazy", str(mount)], check=True)  # the test's run may still hold its log open
 
 
-def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_run_resumes_once_there_is_space(world, small_disk, monkeypatch):
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_run_resumes_once_there_is_space(world, small_disk,
+                                                                                              monkeypatch):
     out, filler = small_disk / "run", small_disk / "filler"
     real = plumbing.Run.save
 
@@ -205,7 +208,8 @@ def test_an_unreadable_or_missing_file_names_itself_and_offers_the_previous_chec
         sft.main(sft_args(world, out, "--max-steps", "4", "--save-every", "2", "--resume", str(out)))
         assert plumbing.is_complete(str(out / "checkpoint-000004"))
         return
-    with pytest.raises(prompts.UserError, match=rf"{file.replace('.', '[.]')} is unreadable .*--resume .*checkpoint-000002"):
+    unreadable = rf"{file.replace('.', '[.]')} is unreadable .*--resume .*checkpoint-000002"
+    with pytest.raises(prompts.UserError, match=unreadable):
         sft.main(sft_args(world, out, "--max-steps", "4", "--save-every", "2", "--resume", str(out)))
 
 # -----------------------------------------------------------------------------
@@ -224,10 +228,12 @@ def test_resume_refuses_other_settings_and_names_them(world, tmp_path, monkeypat
     loaded = []
     monkeypatch.setattr(opsd, "load_model", lambda *a, **k: loaded.append(a))
     with pytest.raises(prompts.UserError, match=r"--lr was 2e-05, now 0\.001.*--max-steps was 2, now 3"):
-        sft.main(sft_args(world, tmp_path / "run", "--max-steps", "3", "--lr", "1e-3", "--resume", str(tmp_path / "run")))
+        sft.main(sft_args(world, tmp_path / "run", "--max-steps", "3", "--lr", "1e-3", "--resume",
+                          str(tmp_path / "run")))
     assert loaded == []  # the model never loaded
     monkeypatch.undo()  # where and how often it writes may change
-    sft.main(sft_args(world, tmp_path / "run", "--max-steps", "2", "--save-every", "7", "--resume", str(tmp_path / "run")))
+    sft.main(sft_args(world, tmp_path / "run", "--max-steps", "2", "--save-every", "7", "--resume",
+                      str(tmp_path / "run")))
 
 
 def test_a_checkpoint_of_an_older_version_resumes_when_the_setting_it_lacks_is_at_its_default(world, tmp_path):
@@ -297,7 +303,8 @@ def test_a_second_live_run_in_the_same_out_dir_is_refused(tmp_path):
 # 5. options: rejected before any work, with a message that names them
 
 
-FLOAT_OPTIONS = [a.option_strings[0] for a in opsd.get_parser()._actions if a.type is not None and a.type.__name__ == "float"]
+FLOAT_OPTIONS = [a.option_strings[0] for a in opsd.get_parser()._actions
+                 if a.type is not None and a.type.__name__ == "float"]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -330,7 +337,8 @@ def test_options_that_need_each_other_or_a_path_are_checked_before_any_model_loa
                           (["--model", world["model"], "--eval-every", "5"], "--eval-every needs --eval-data"),
                           (["--model", world["model"], "--data", str(tmp_path / "x.csv")], "no such data file"),
                           (["--model", world["model"], "--lora-targets", "q_proj,lm_head"], "lm_head cannot carry"),
-                          (["--model", world["model"], "--full-finetune", "--sampler", "vllm"], "--sampler vllm needs LoRA")]:
+                          (["--model", world["model"], "--full-finetune", "--sampler", "vllm"],
+                           "--sampler vllm needs LoRA")]:
         with pytest.raises(prompts.UserError, match=message):
             opsd.main(argv + ["--out-dir", str(tmp_path / "out")])
     with pytest.raises(prompts.UserError, match="--sampler vllm needs LoRA"):  # --from-scratch implies full fine-tuning
@@ -370,7 +378,8 @@ def wait_for_steps(out, n, process, seconds=240):
 
 def test_ctrl_c_finishes_the_step_saves_it_and_says_how_to_continue(world, tmp_path):
     out = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "opsd.py", *opsd_args(world, out, "--max-steps", "200", "--save-every", "100")],
+    argv = opsd_args(world, out, "--max-steps", "200", "--save-every", "100")
+    process = subprocess.Popen([sys.executable, "opsd.py", *argv],
                                cwd=HERE, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_steps(out, 2, process)
     process.send_signal(signal.SIGINT)
@@ -379,7 +388,8 @@ def test_ctrl_c_finishes_the_step_saves_it_and_says_how_to_continue(world, tmp_p
     steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
     assert checkpoints(out) == [f"checkpoint-{steps[-1]:06d}"] and steps[-1] < 100  # the step in flight, saved
     assert "SIGINT: finishing this step" in stdout
-    assert stderr.strip().splitlines()[-1] == f"interrupted: stopped after step {steps[-1]}; continue with --resume {out}"
+    last = f"interrupted: stopped after step {steps[-1]}; continue with --resume {out}"
+    assert stderr.strip().splitlines()[-1] == last
     assert "Traceback" not in stderr
 
 
@@ -410,8 +420,8 @@ def test_random_kills_and_resumes_end_bitwise_equal_to_an_uninterrupted_run(worl
     out, rng, kills = tmp_path / "killed", random.Random(0), 0
     while not (out / "checkpoint-000010").exists():
         resume = ["--resume", str(out)] if glob.glob(str(out / "checkpoint-*[0-9]")) else ["--overwrite"]
-        process = subprocess.Popen([sys.executable, "opsd.py", *opsd_args(world, out, *argv, *resume)], cwd=HERE, env=ENV,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen([sys.executable, "opsd.py", *opsd_args(world, out, *argv, *resume)], cwd=HERE,
+                                   env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if kills < 3:
             done = len(open(out / "log.jsonl").read().splitlines()) if (out / "log.jsonl").exists() else 0
             wait_for_steps(out, min(done + 1, steps - 3), process)

@@ -322,7 +322,7 @@ def test_grade_odd_input_is_false(completion, gold):
 
 
 def test_import_is_light():
-    code = "import prompts, sys; print(sorted(m for m in ('torch', 'transformers', 'vllm', 'datasets') if m in sys.modules))"
+    code = "import prompts, sys; print(sorted(set(sys.modules) & {'torch', 'transformers', 'vllm', 'datasets'}))"
     out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -347,7 +347,8 @@ def test_load_records_aime_shape(tmp_path):
 
 def test_load_records_keeps_a_reference_column_for_teacher_format_sft(tmp_path):
     path = str(tmp_path / "warm.jsonl")
-    write_jsonl(path, [{"problem": "P", "solution": "S \\boxed{1}", "reference": "R"}, {"problem": "Q", "solution": "\\boxed{2}"}])
+    write_jsonl(path, [{"problem": "P", "solution": "S \\boxed{1}", "reference": "R"},
+                       {"problem": "Q", "solution": "\\boxed{2}"}])
     assert [r["reference"] for r in prompts.load_records(path)] == ["R", None]
 
 
@@ -410,7 +411,8 @@ def test_load_records_missing_file():
 def test_load_records_rejects_an_unsupported_file_format_instead_of_asking_the_hub(tmp_path):
     path = tmp_path / "x.csv"
     path.write_text("problem,answer\nWhat is 1+1?,2\n")
-    with pytest.raises(prompts.UserError, match=r"x\.csv: unsupported data file format; use one of \.jsonl, \.json, \.parquet"):
+    message = r"x\.csv: unsupported data file format; use one of \.jsonl, \.json, \.parquet"
+    with pytest.raises(prompts.UserError, match=message):
         prompts.load_records(str(path))
 
 
@@ -456,7 +458,8 @@ def test_messages_put_the_privileged_context_before_the_instruction():
     # answer-only context: the final answer, and not a word of the solution
     answer_only = prompts.teacher_messages(record, "answer")[0]["content"]
     assert answer_only.startswith("What is 2+3?\n\nThe final answer is 5.")
-    assert "2+3=5" not in answer_only and answer_only.endswith(prompts.TEACHER_CONTEXTS["answer"][1] + "\n\n" + prompts.INSTRUCTION)
+    assert "2+3=5" not in answer_only
+    assert answer_only.endswith(prompts.TEACHER_CONTEXTS["answer"][1] + "\n\n" + prompts.INSTRUCTION)
 
 
 @pytest.mark.parametrize("context", ["solution", "answer"])

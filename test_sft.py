@@ -25,10 +25,12 @@ def test_loss_covers_exactly_the_assistant_tokens_and_the_eos(tiny):
                {"problem": "What is 5*4?", "solution": "x", "reference": "5*4 = 20"}]
     examples = sft.tokenize_examples(records, tok, thinking=False, max_length=10_000)
     for record, (prompt, target) in zip(records, examples):
-        expected_prompt = (prompts.teacher_prompt_ids(tok, {"problem": record["problem"], "solution": record["reference"]}) if record.get("reference")
+        context = {"problem": record["problem"], "solution": record.get("reference")}
+        expected_prompt = (prompts.teacher_prompt_ids(tok, context) if record.get("reference")
                            else prompts.student_prompt_ids(tok, record["problem"]))
         assert prompt == expected_prompt
-        assert target == tok(record["solution"], add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+        im_end = tok.convert_tokens_to_ids("<|im_end|>")
+        assert target == tok(record["solution"], add_special_tokens=False)["input_ids"] + [im_end]
     batch = opsd.build_batch([p for p, _ in examples], [t for _, t in examples], tok.pad_token_id, torch.device("cpu"))
     # the rows that carry loss predict exactly the target tokens, each from the position just before it
     predicted = batch["input_ids"][batch["row_batch"], batch["row_pos"] + 1]
@@ -54,7 +56,8 @@ def test_the_loss_is_the_mean_nll_over_the_steps_target_tokens(tiny):
     it the effective lr, does not change with the batch."""
     d, tok, data = tiny
     model = AutoModelForCausalLM.from_pretrained(d).double()
-    examples = sft.tokenize_examples(prompts.load_records(data, require=("problem", "solution"))[:3], tok, False, 10_000)
+    records = prompts.load_records(data, require=("problem", "solution"))[:3]
+    examples = sft.tokenize_examples(records, tok, False, 10_000)
     n_tokens = sum(len(t) for _, t in examples)
     loss = sum(sft.sft_loss(model, [e], torch.device("cpu"), tok.pad_token_id, 5, n_tokens) for e in examples)
     nll = []
@@ -108,13 +111,15 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny, tmp_path):
 
 def test_stop_at_eval_avg_stops_and_saves_at_the_first_eval_that_reaches_it(tiny, tmp_path):
     d, _, data = tiny
-    argv = ["--model", d, "--data", data, "--batch-size", "4", "--micro-batch-size", "4", "--lora-r", "8", "--lora-alpha", "16",
-            "--max-steps", "10", "--eval-every", "3", "--eval-data", data, "--max-new-tokens", "8", "--save-every", "100",
-            "--no-compile"]
+    argv = ["--model", d, "--data", data, "--batch-size", "4", "--micro-batch-size", "4", "--lora-r", "8",
+            "--lora-alpha", "16", "--max-steps", "10", "--eval-every", "3", "--eval-data", data,
+            "--max-new-tokens", "8", "--save-every", "100", "--no-compile"]
     sft.main(argv + ["--out-dir", str(tmp_path / "stops"), "--stop-at-eval-avg", "0"])  # any avg reaches 0
-    assert [r["step"] for r in map(json.loads, open(tmp_path / "stops" / "log.jsonl"))] == [1, 2, 3, 3]  # 3 steps, then the eval
+    # 3 steps, then the eval
+    assert [r["step"] for r in map(json.loads, open(tmp_path / "stops" / "log.jsonl"))] == [1, 2, 3, 3]
     assert plumbing.follow_latest(str(tmp_path / "stops")).endswith("checkpoint-000003")
-    sft.main(argv + ["--out-dir", str(tmp_path / "runs_on"), "--stop-at-eval-avg", "1"])  # a random model never gets all right
+    # a random model never gets all right
+    sft.main(argv + ["--out-dir", str(tmp_path / "runs_on"), "--stop-at-eval-avg", "1"])
     assert plumbing.follow_latest(str(tmp_path / "runs_on")).endswith("checkpoint-000010")
 
 

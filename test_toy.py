@@ -24,7 +24,8 @@ def test_task_splits_are_disjoint_and_solutions_are_right():
 
 def test_expert_references_are_right_end_in_the_gold_and_differ_from_the_students_style():
     import re
-    pairs = [(r["a"], r["b"]) for r in toy.make_records("train", 300, 5)] + [(5007, 3), (100, 9), (90909, 2)]  # zero digits too
+    # zero digits too
+    pairs = [(r["a"], r["b"]) for r in toy.make_records("train", 300, 5)] + [(5007, 3), (100, 9), (90909, 2)]
     own_line = re.compile(r"^\d\*\d\+\d+=\d+$")
     for a, b in pairs:
         text = toy.expert_solution(a, b)
@@ -39,7 +40,8 @@ def test_expert_references_are_right_end_in_the_gold_and_differ_from_the_student
         assert not any(own_line.match(line) for line in text.splitlines())  # not one line in the student's own style
     assert toy.expert_solution(3056, 7) == "3056*7 = 3000*7 + 50*7 + 6*7 = 21000 + 350 + 42 = 21392\n\\boxed{21392}"
     records = toy.make_records("test", 20, 0, references="expert")
-    assert all(r["solution"] == toy.expert_solution(r["a"], r["b"]) and r["answer"] == str(r["a"] * r["b"]) for r in records)
+    assert all(r["solution"] == toy.expert_solution(r["a"], r["b"]) for r in records)
+    assert all(r["answer"] == str(r["a"] * r["b"]) for r in records)
 
 
 def test_warm_start_mixes_student_teacher_and_mismatched_examples():
@@ -50,7 +52,8 @@ def test_warm_start_mixes_student_teacher_and_mismatched_examples():
     own = [r for r in rows if not r.get("reference")]
     teacher = [r for r in rows if r.get("reference") == toy.own_solution(*numbers(r["problem"]))]
     mismatched = [r for r in rows if r.get("reference") and r not in teacher]  # another problem's reference
-    for group, share in ((own, 1 - sum(toy.MIX.values())), (teacher, toy.MIX["teacher"]), (mismatched, toy.MIX["mismatched"])):
+    shares = ((own, 1 - sum(toy.MIX.values())), (teacher, toy.MIX["teacher"]), (mismatched, toy.MIX["mismatched"]))
+    for group, share in shares:
         assert abs(len(group) / len(rows) - share) < 0.03
     assert all(r["solution"] == r["reference"] for r in teacher + mismatched)  # the target is the reference
 
@@ -86,7 +89,8 @@ def test_a_script_in_the_toy_world_gets_the_toy_settings_and_its_own_flags_win(t
     toy.main(["opsd", "--lr", "3e-4", "--seed", "7"])
     args = seen[0]
     assert args.model == p["warm"] and args.data == p["train"] and args.eval_data == p["test"]
-    assert (args.lora_r, args.batch_size, args.max_new_tokens, args.thinking, args.compile) == (16, 32, 96, False, False)
+    assert (args.lora_r, args.batch_size, args.max_new_tokens, args.thinking, args.compile) == \
+        (16, 32, 96, False, False)
     assert (args.lr, args.seed) == (3e-4, 7)  # the flags after the toy settings win
     assert args.out_dir == "runs/toy/opsd"
 

@@ -21,7 +21,6 @@ import torch
 import eval as evaluate
 import grpo
 import opsd
-import plumbing
 import prompts
 import toy
 
@@ -32,20 +31,22 @@ if importlib.util.find_spec("vllm") is None:
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPU = torch.device("cpu")
-LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"])
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return toy.build_tiny(tmp_path_factory.mktemp("vllm_world"), hidden=64, layers=2, heads=2, initializer_range=0.3, n_problems=16)
+    return toy.build_tiny(tmp_path_factory.mktemp("vllm_world"), hidden=64, layers=2, heads=2, initializer_range=0.3,
+                          n_problems=16)
 
 
 @pytest.fixture(scope="class")
 def sampler(world, tmp_path_factory):
     """One float32 engine with LoRA for the tests of TestOneEngine (import ~15 s, start ~4 s). vLLM keeps global state
     per process, so it is closed before any other test starts an engine of its own (as a script only ever has one)."""
-    engine = opsd.make_sampler("vllm", None, world["tokenizer"], world["model"], CPU, torch.float32, lora_rank=8, seed=0,
-                               gpu_memory=0.3)
+    engine = opsd.make_sampler("vllm", None, world["tokenizer"], world["model"], CPU, torch.float32, lora_rank=8,
+                               seed=0, gpu_memory=0.3)
     yield engine
     engine.close()
 
@@ -104,26 +105,28 @@ class TestOneEngine:
         must give the updated model's greedy output, not the old one's."""
         model = lora_model(world, scale=0.05)
         seeds = [0] * len(problems)
-        before = ids(sampler.generate(problems, 1, greedy(32), seeds, opsd.adapter_for(sampler, model, tmp_path, 0, "a")))
+        adapter = opsd.adapter_for(sampler, model, tmp_path, 0, "a")
+        before = ids(sampler.generate(problems, 1, greedy(32), seeds, adapter))
         assert before == hf_greedy(model, world, problems, 32)
-        batch = opsd.build_batch(problems[:4], [prompts.completion_ids(world["tokenizer"], "7*3+0=21\n\\boxed{21}")] * 4,
-                                 world["tokenizer"].pad_token_id, CPU)
+        target = prompts.completion_ids(world["tokenizer"], "7*3+0=21\n\\boxed{21}")
+        batch = opsd.build_batch(problems[:4], [target] * 4, world["tokenizer"].pad_token_id, CPU)
         model.train()
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=2.0)
         logits = opsd.completion_hidden(model, batch) @ opsd.lm_parts(model)[1].T
         torch.nn.functional.cross_entropy(logits, batch["targets"]).backward()
         optimizer.step()
         model.eval()
-        after = ids(sampler.generate(problems, 1, greedy(32), seeds, opsd.adapter_for(sampler, model, tmp_path, 0, "b")))
+        adapter = opsd.adapter_for(sampler, model, tmp_path, 0, "b")
+        after = ids(sampler.generate(problems, 1, greedy(32), seeds, adapter))
         assert after == hf_greedy(model, world, problems, 32)
         assert after != before
         assert os.listdir(tmp_path / "vllm_adapters" / "rank0") == ["b"]  # the older adapter is deleted
 
     @pytest.mark.parametrize("adapter", [False, True], ids=["base", "adapter"])
     def test_logprobs_are_those_of_the_sampling_distribution(self, world, sampler, problems, tmp_path, adapter):
-        """What OPSD's loss assumes: the student's softmax at temperature T is the distribution that sampled the rollout.
-        vLLM's log-prob of each sampled token (Sample.logprobs, logged against the student pass as the mismatch) equals
-        HF's log_softmax(logits / T) there."""
+        """What OPSD's loss assumes: the student's softmax at temperature T is the distribution that sampled the
+        rollout. vLLM's log-prob of each sampled token (Sample.logprobs, logged against the student pass as the
+        mismatch) equals HF's log_softmax(logits / T) there."""
         temperature = 1.3
         model = lora_model(world) if adapter else opsd.load_model(world["model"], CPU)[0].eval()
         path = save(model, tmp_path / "adapter") if adapter else None
@@ -135,7 +138,8 @@ class TestOneEngine:
             with torch.no_grad():
                 logp = (model(input_ids=sequence).logits[0, len(prompt) - 1:-1] / temperature).log_softmax(-1)
             hf = logp.gather(-1, torch.tensor(sample.ids)[:, None])[:, 0]
-            worst, tokens = max(worst, (hf - torch.tensor(sample.logprobs)).abs().max().item()), tokens + len(sample.ids)
+            worst = max(worst, (hf - torch.tensor(sample.logprobs)).abs().max().item())
+            tokens += len(sample.ids)
         assert tokens > 100 and worst < 1e-4, worst
 
     def test_identical_prompts_get_different_samples_and_a_seed_repeats_them(self, sampler, problems):
@@ -175,7 +179,8 @@ def test_both_samplers_stop_on_the_same_ids_including_the_generation_configs(wor
         ours = ids(engine.generate(problems, 1, greedy(), [0] * len(problems)))
     finally:
         engine.close()
-    assert ours == ids(opsd.HFSampler(base.eval(), tokenizer, stop_ids).generate(problems, 1, greedy(), [0] * len(problems)))
+    hf = opsd.HFSampler(base.eval(), tokenizer, stop_ids)
+    assert ours == ids(hf.generate(problems, 1, greedy(), [0] * len(problems)))
     ends = [c[-1] for c in ours if len(c) < 48]
     assert extra in ends  # some completions did stop on the generation config's extra id
     assert all(c.count(s) <= 1 for c in ours for s in stop_ids)  # and the stop id is there once, not appended again
@@ -218,8 +223,9 @@ def run_torchrun(script, argv, timeout=400):
 def test_two_ranks_with_uneven_work_finish_cleanly(world, tmp_path):
     """3 problems, 1 per sampler call, on 2 ranks: rank 0 calls generate twice, rank 1 once. A data-parallel engine
     all-reduces every step and hangs here; one engine per rank does not. The exit must be clean: no traceback."""
-    result = run_torchrun("eval.py", ["--model", world["model"], "--data", world["data"], "--limit", "3", "--batch-size", "1", "--samples", "1",
-                                      "--temperature", "0", "--max-new-tokens", "16", "--no-thinking", "--sampler", "vllm",
+    result = run_torchrun("eval.py", ["--model", world["model"], "--data", world["data"], "--limit", "3",
+                                      "--batch-size", "1", "--samples", "1", "--temperature", "0",
+                                      "--max-new-tokens", "16", "--no-thinking", "--sampler", "vllm",
                                       "--vllm-gpu-memory", "0.3", "--out-dir", str(tmp_path / "eval")])
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
@@ -235,6 +241,7 @@ def test_two_ranks_train_opsd_with_vllm(world, tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "Traceback" not in output, output[-4000:]
-    assert "2 ranks x 2" in result.stdout and os.path.exists(tmp_path / "opsd" / "checkpoint-000002" / "adapter_model.safetensors")
+    assert "2 ranks x 2" in result.stdout
+    assert os.path.exists(tmp_path / "opsd" / "checkpoint-000002" / "adapter_model.safetensors")
     log = [json.loads(line) for line in open(tmp_path / "opsd" / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2]

@@ -227,11 +227,12 @@ SCRIPTS = {"opsd": opsd, "grpo": grpo, "sft": sft, "eval": evaluation}
 
 
 def paths(references="own", cache=None):
-    cache = cache or os.environ.get("OPSD_TOY_CACHE") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_cache")
+    here = os.path.dirname(os.path.abspath(__file__))
+    cache = cache or os.environ.get("OPSD_TOY_CACHE") or os.path.join(here, "toy_cache")
     root = os.path.join(cache, references)
     return {name: os.path.join(root, file) for name, file in
-            [("root", ""), ("base", "base"), ("warm", "warm"), ("train", "train.jsonl"), ("validation", "validation.jsonl"),
-             ("test", "test.jsonl"), ("warmstart", "warmstart.jsonl")]}
+            [("root", ""), ("base", "base"), ("warm", "warm"), ("train", "train.jsonl"),
+             ("validation", "validation.jsonl"), ("test", "test.jsonl"), ("warmstart", "warmstart.jsonl")]}
 
 
 def script_argv(script, references="own"):
@@ -284,12 +285,13 @@ def prepare(references="own", target=0.40, check_every=25, max_steps=600, n_trai
     write_jsonl(p["test"], make_records("test", n_test, seed=2, references=references))
     write_jsonl(p["warmstart"], warmstart_records(64 * max_steps, references))  # the whole schedule's data
     out = os.path.join(p["root"], "warm_run")
-    print(f"toy: training the {references}-reference warm start from scratch: a {max_steps}-step schedule, stopped once "
-          f"the student solves {target:.0%} of the validation problems (greedy, checked every {check_every} steps)",
-          flush=True)
+    print(f"toy: training the {references}-reference warm start from scratch: a {max_steps}-step schedule, stopped "
+          f"once the student solves {target:.0%} of the validation problems (greedy, checked every {check_every} "
+          "steps)", flush=True)
     sft.main(["--model", p["base"], "--from-scratch", "--data", p["warmstart"], "--split", "train", "--max-steps",
-              str(max_steps), "--batch-size", "64", "--micro-batch-size", "16", "--lr", "3e-3", "--warmup-ratio", "0.05",
-              "--weight-decay", "0.01", "--chunk-size", "8192", "--out-dir", out, "--save-every", str(max_steps),
+              str(max_steps), "--batch-size", "64", "--micro-batch-size", "16", "--lr", "3e-3", "--warmup-ratio",
+              "0.05", "--weight-decay", "0.01", "--chunk-size", "8192", "--out-dir", out, "--save-every",
+              str(max_steps),
               "--keep", "1", "--no-thinking", "--eval-every", str(check_every), "--eval-data", p["validation"],
               "--max-new-tokens", str(PRESETS["eval"]["max_new_tokens"]), "--stop-at-eval-avg", str(target),
               "--sampler", "hf", "--no-compile", "--progress-bar"])
@@ -302,7 +304,8 @@ def prepare(references="own", target=0.40, check_every=25, max_steps=600, n_trai
     shutil.copytree(final, p["warm"], ignore=shutil.ignore_patterns("trainer_state.pt", "rng_rank*.pt", "run.json"))
     shutil.rmtree(out)
     with open(os.path.join(p["warm"], "warmstart.json"), "w") as f:
-        json.dump({"references": references, "steps": step, "validation_student": student, "validation_teacher": teacher}, f)
+        json.dump({"references": references, "steps": step, "validation_student": student,
+                   "validation_teacher": teacher}, f)
     print(f"toy: warm start ready after {step} steps, {time.time() - t0:.0f}s: validation student {student:.1%}, "
           f"teacher (reference in context) {teacher:.1%} -> {p['warm']}", flush=True)
     return p
@@ -324,13 +327,13 @@ def ensure_prepared(references="own", cache=None, **kwargs):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="The CPU toy world: prepare it, run OPSD, print held-out accuracies; or "
-                                     "run one script in it (the script's flags follow).",
+    parser = argparse.ArgumentParser(description="The CPU toy world: prepare it, run OPSD, print held-out "
+                                     "accuracies; or run one script in it (the script's flags follow).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("command", nargs="?", choices=["run", "prepare", *SCRIPTS], default="run",
                         help="run: prepare if needed, then OPSD; prepare: (re)build the world; a script: run it here")
-    parser.add_argument("--references", choices=sorted(REFERENCES), default="own", help="the reference solutions' style")
-    parser.add_argument("--cache", default=None, help="where the world lives (default: $OPSD_TOY_CACHE, else toy_cache/)")
+    parser.add_argument("--references", choices=sorted(REFERENCES), default="own", help="the references' style")
+    parser.add_argument("--cache", default=None, help="the world's directory (default: $OPSD_TOY_CACHE or toy_cache/)")
     parser.add_argument("--steps", type=plumbing.positive_int, default=None, help="demo: OPSD steps (default 150)")
     parser.add_argument("--out-dir", default=None, help="demo: OPSD's out dir, replaced (runs/toy-demo/<references>)")
     parser.add_argument("--seed", type=plumbing.count, default=0, help="demo: OPSD's seed")
@@ -371,7 +374,8 @@ def main(argv=None):
     after = accuracy(p["warm"], p["test"], adapter=plumbing.follow_latest(out_dir))
     result = {"student_before": before, "student_after": after, "teacher": teacher, "steps": steps,
               "generated_tokens": summary["generated_tokens_total"], "seconds": time.time() - t0}
-    print(f"\nheld-out greedy accuracy ({len(prompts.load_records(p['test']))} problems, {args.references} references)\n"
+    print(f"\nheld-out greedy accuracy ({len(prompts.load_records(p['test']))} problems, {args.references} "
+          "references)\n"
           f"  {'student, warm start':32} {before:6.1%}\n  {f'student, after {steps} OPSD steps':32} {after:6.1%}\n"
           f"  {'teacher (reference shown)':32} {teacher:6.1%}\n"
           f"{result['generated_tokens']:,} generated tokens, {result['seconds']:.0f}s (excluding prepare); "
