@@ -47,7 +47,7 @@ def get_parser():
     parser = argparse.ArgumentParser(description="avg@n / pass@k / maj@k of a model, an adapter or a run's checkpoints",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.presets = {}
-    opsd.model_options(parser, lora=False)
+    plumbing.model_options(parser, lora=False)
     group = parser.add_argument_group("weights")
     group.add_argument("--adapter", default=None, help="a PEFT adapter dir, or a run dir (its latest checkpoint)")
     group.add_argument("--checkpoints", default=None, help="a run dir: evaluate every checkpoint in it, and the curve")
@@ -57,7 +57,7 @@ def get_parser():
     group.add_argument("--limit", type=plumbing.positive_int, default=None, help="the first N problems of each")
     group.add_argument("--teacher-context", choices=sorted(prompts.TEACHER_CONTEXTS), default=None,
                        help="prompt as the OPSD teacher with this context (default: the student prompt)")
-    group = opsd.sampling_options(parser, temperature=1.2, max_new_tokens=38912, gpu_memory=0.9, training=False)
+    group = plumbing.sampling_options(parser, temperature=1.2, max_new_tokens=38912, gpu_memory=0.9, training=False)
     group.add_argument("--samples", type=plumbing.positive_int, default=16, help="samples per problem (n in avg@n)")
     group.add_argument("--batch-size", type=plumbing.positive_int, default=64, help="problems per sampler call")
     parser.set_defaults(top_p=0.95, thinking=True)  # the paper's evaluation: thinking on, top-p 0.95

@@ -35,12 +35,12 @@ import plumbing
 import prompts
 
 # -----------------------------------------------------------------------------
-# 1. config: opsd.py's shared option groups, then GRPO's own
+# 1. config: the shared option groups (plumbing), then GRPO's own
 
 
 def get_parser():
-    parser = opsd.training_parser("GRPO: G rollouts per problem, 0/1 reward from the answer checker, group-normalised "
-                                  "advantage, PPO-clipped update.", "grpo")
+    parser = plumbing.training_parser("GRPO: G rollouts per problem, 0/1 reward from the answer checker, "
+                                      "group-normalised advantage, PPO-clipped update.", "grpo")
     group = parser.add_argument_group("GRPO")
     group.add_argument("--group-size", type=plumbing.bounded(int, 2), default=8, help="G: rollouts per problem")
     group.add_argument("--ppo-clip-eps", type=plumbing.positive_float, default=0.2, help="PPO clip: [1 - eps, 1 + eps]")

@@ -51,10 +51,10 @@ import torch.distributed as dist
 
 import plumbing
 import prompts
-from plumbing import bounded, count, fraction, nonnegative, positive_float, positive_int, probability
+from plumbing import count, fraction, nonnegative, positive_int
 
 # -----------------------------------------------------------------------------
-# 1. config: the options every training script shares (grpo.py and sft.py use these groups), then OPSD's own.
+# 1. config: OPSD's own options and its two recipes (the options every training script shares are plumbing's).
 # (A section's number is the stage of main() it serves.)
 
 PRESETS = {
@@ -75,81 +75,9 @@ PRESETS = {
 }
 
 
-def model_options(parser, lora=True):
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", default="Qwen/Qwen3-1.7B", help="HF id or local directory of the base model")
-    group.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="auto: bf16 on CUDA")
-    if lora:  # the training scripts' options
-        group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                           help="torch.compile the per-token loss")
-        group.add_argument("--lora-r", type=positive_int, default=64, help="LoRA rank")
-        group.add_argument("--lora-alpha", type=positive_float, default=128, help="LoRA alpha")
-        group.add_argument("--lora-dropout", type=fraction, default=0.0, help="LoRA dropout (0: sampling = scoring)")
-        group.add_argument("--lora-targets", default=plumbing.LORA_TARGETS, help="comma-separated module names")
-        group.add_argument("--full-finetune", action="store_true", help="train every weight instead of LoRA")
-        group.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
-
-
-def sampling_options(parser, temperature, max_new_tokens, gpu_memory, training=True):
-    group = parser.add_argument_group("sampling")
-    group.add_argument("--sampler", choices=["auto", "hf", "vllm"], default="auto", help="auto: vLLM on GPU, else HF")
-    group.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, help="rollout length limit")
-    group.add_argument("--temperature", type=bounded(float, 0.0, 2.0), default=temperature, help="0: greedy")
-    group.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling (1: off)")
-    group.add_argument("--sampling-top-k", type=count, default=0, help="top-k sampling (0: off)")
-    group.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=False, help="the student's Qwen3 "
-                       "thinking mode")
-    group.add_argument("--vllm-gpu-memory", type=probability, default=gpu_memory, help="GPU memory share for vLLM")
-    if training:
-        group.add_argument("--vllm-sleep", action=argparse.BooleanOptionalAction, default=True, help="vLLM sleeps "
-                           "while training runs (GPU)")
-    group.add_argument("--seed", type=count, default=0, help="seed for init, data order and sampling")
-    return group
-
-
-def training_parser(description, script, presets=None):
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.presets = presets or {}
-    if presets:
-        parser.add_argument("--preset", choices=sorted(presets), default=None, help="named option values; flags win")
-    model_options(parser)
-    group = parser.add_argument_group("data")
-    group.add_argument("--data", default=prompts.TRAIN_DATA[0], help="HF id, prompts.BENCHMARKS key or local file")
-    group.add_argument("--split", default=prompts.TRAIN_DATA[1], help="dataset split (HF ids)")
-    group.add_argument("--max-problems", type=positive_int, default=None, help="use only the first N problems")
-    group = parser.add_argument_group("optimization")
-    group.add_argument("--lr", type=positive_float, default=2e-5, help="peak learning rate (AdamW)")
-    group.add_argument("--warmup-ratio", type=fraction, default=0.1, help="linear warmup share; cosine after")
-    group.add_argument("--weight-decay", type=nonnegative, default=0.0, help="AdamW weight decay")
-    group.add_argument("--batch-size", type=positive_int, default=32, help="problems per step, over all ranks")
-    group.add_argument("--micro-batch-size", type=positive_int, default=4, help="sequences per forward pass")
-    group.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the data (no --max-steps)")
-    group.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps (overrides --epochs)")
-    group.add_argument("--max-grad-norm", type=nonnegative, default=1.0, help="gradient norm clip (0: off)")
-    group.add_argument("--chunk-size", type=positive_int, default=128, help="positions per chunk of the loss")
-    sampling_options(parser, temperature=1.1, max_new_tokens=2048, gpu_memory=0.4)
-    group = parser.add_argument_group("output and checkpoints")
-    group.add_argument("--out-dir", default=f"runs/{script}", help="logs and checkpoints (one run per directory)")
-    group.add_argument("--overwrite", action="store_true", help="delete an earlier run's files from --out-dir")
-    group.add_argument("--save-every", type=positive_int, default=50, help="checkpoint every N steps and at the end")
-    group.add_argument("--keep", type=positive_int, default=2, help="newest checkpoints kept (and the best)")
-    group.add_argument("--stop-after", type=positive_int, default=None, help="save and exit after this step")
-    group.add_argument("--resume", default=None, help="a checkpoint, or an out dir (its latest): continue exactly")
-    group.add_argument("--progress-bar", action="store_true", help="a progress bar instead of a line per step")
-    group.add_argument("--wandb", default=None, help="wandb project (if wandb is installed)")
-    group = parser.add_argument_group("periodic eval")
-    group.add_argument("--eval-every", type=count, default=0, help="evaluate every N steps and at the end (0: off)")
-    group.add_argument("--eval-data", default=None, help="problems for --eval-every: a file or a BENCHMARKS key")
-    group.add_argument("--eval-samples", type=positive_int, default=1, help="samples per --eval-data problem")
-    group.add_argument("--eval-temperature", type=bounded(float, 0.0, 2.0), default=0.0, help="0: greedy")
-    group.add_argument("--eval-max-new-tokens", type=positive_int, default=None, help="default: --max-new-tokens")
-    return parser
-
-
 def get_parser():
-    parser = training_parser("On-Policy Self-Distillation: the student samples, the teacher (the same model, shown "
-                             "the reference) grades every token.", "opsd", PRESETS)
+    parser = plumbing.training_parser("On-Policy Self-Distillation: the student samples, the teacher (the same model, "
+                                      "shown the reference) grades every token.", "opsd", PRESETS)
     group = parser.add_argument_group("OPSD")
     group.add_argument("--loss", choices=["jsd", "sampled"], default="jsd", help="sampled: the sampled token only")
     group.add_argument("--beta", type=fraction, default=0.5, help="JSD_beta: 0 forward KL(p_T||p_S), 1 reverse KL")
@@ -634,6 +562,28 @@ def rollout_rows(step, batch, texts, correct, rollouts, divergence, tokenizer):
 # the hedging words whose rate self-distillation with a rich teacher context suppresses (arXiv 2603.24472)
 EPISTEMIC = re.compile(r"\b(?:wait|hmm+|but|perhaps|maybe|let me check)\b", re.IGNORECASE)
 
+
+def step_metrics(out, samples, texts, correct, cut, padding, args, stop_ids, world, device):
+    """The step's diagnostics, over ranks: the per-token outputs as means over each rollout's tokens then over rollouts
+    (out["weight"]); the rollouts' accuracy, length, and share cut at --max-new-tokens (with entropy, what shows a
+    collapse coming); references cut; padding; the sampler-trainer mismatch (the sampler's log-prob of each token it
+    sampled against the student pass's); the epistemic-word rate."""
+    rollouts, per_rank = [s.ids for s in samples], len(samples)
+    sampler_logp = [lp for s in samples for lp in s.logprobs or []]
+    mismatch = (out["logp"].cpu() - torch.tensor(sampler_logp)).abs() if sampler_logp else torch.zeros(1)
+    truncated = sum(len(r) == args.max_new_tokens and r[-1] not in stop_ids for r in rollouts)
+    generated = sum(len(r) for r in rollouts)
+    metrics = plumbing.gather({
+        **{k: ((out[k] * out["weight"]).sum(), "mean") for k in out if k not in ("weight", "logp")},
+        "generated_tokens": (generated, "sum"), "rollout_acc": (sum(correct) / per_rank, "mean"),
+        "rollout_len": (generated / per_rank, "mean"), "truncated": (truncated / per_rank, "mean"),
+        "references_cut": (sum(c for _, c in cut), "sum"), "padding": (sum(padding) / len(padding), "mean"),
+        "mismatch_mean": (mismatch.mean(), "mean"), "mismatch_max": (mismatch.max(), "mean"),
+        "epistemic": (sum(len(EPISTEMIC.findall(t)) for t in texts), "sum")}, world, device)
+    metrics["epistemic_per_1k"] = 1000 * metrics.pop("epistemic") / max(metrics["generated_tokens"], 1)
+    metrics["generated_tokens"] = int(metrics["generated_tokens"])
+    return metrics
+
 # -----------------------------------------------------------------------------
 # 9. the run
 
@@ -734,26 +684,14 @@ def main(argv=None):
                     copy.lerp_(p.detach(), 1 - args.ema_decay)  # copy = decay copy + (1 - decay) p
         times["update"] = time.perf_counter() - t0
         # 9. log (per-rollout means, then over ranks), rollouts, eval, checkpoint (plumbing)
-        lengths, sampler_logp = [len(r) for r in rollouts], [lp for s in samples for lp in s.logprobs or []]
-        mismatch = (out["logp"].cpu() - torch.tensor(sampler_logp)).abs() if sampler_logp else torch.zeros(1)
-        truncated = sum(len(r) == args.max_new_tokens and r[-1] not in sampler.stop_ids for r in rollouts)
-        per_token = {k: ((out[k] * out["weight"]).sum(), "mean") for k in out if k not in ("weight", "logp")}
-        metrics = plumbing.gather({
-            **per_token, "generated": (sum(lengths), "sum"), "rollout_acc": (sum(correct) / per_rank, "mean"),
-            "truncated": (truncated / per_rank, "mean"), "references_cut": (sum(c for _, c in cut), "sum"),
-            "padding": (sum(padding) / len(padding), "mean"), "mismatch_mean": (mismatch.mean(), "mean"),
-            "mismatch_max": (mismatch.max(), "mean"),
-            "epistemic": (sum(len(EPISTEMIC.findall(t)) for t in texts), "sum")},
-            world, device)
-        totals["generated_tokens"] += int(metrics["generated"])
+        metrics = step_metrics(out, samples, texts, correct, cut, padding, args, sampler.stop_ids, world, device)
+        totals["generated_tokens"] += int(metrics["generated_tokens"])
         totals["negative_loss_steps"] += loss < 0  # the entry clip's symptom (official issue #2)
         times["step"] = time.perf_counter() - times.pop("start")
-        record = {"step": step + 1, "loss": loss, **metrics, "rollout_len": metrics["generated"] / args.batch_size,
-                  "epistemic_per_1k": 1000 * metrics.pop("epistemic") / max(metrics["generated"], 1),
-                  "generated_tokens": int(metrics.pop("generated")),
-                  "generated_tokens_total": totals["generated_tokens"],
+        record = {"step": step + 1, "loss": loss, **metrics, "generated_tokens_total": totals["generated_tokens"],
                   "negative_loss_steps": totals["negative_loss_steps"], "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_s": sum(lengths) * world / times["step"], **{f"time_{k}": v for k, v in times.items()}}
+                  "tokens_per_s": metrics["generated_tokens"] / times["step"],
+                  **{f"time_{k}": v for k, v in times.items()}}
         run.log(record, f"step {step + 1}/{total_steps} | loss {loss:.4f} | div {record['divergence']:.4f} | ent "
                         f"{record['entropy']:.2f} | agree {record['agreement']:.2f} | len {record['rollout_len']:.0f} "
                         f"| acc {record['rollout_acc']:.2f} | {record['tokens_per_s']:.0f} tok/s | "

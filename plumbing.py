@@ -1,8 +1,9 @@
 """
 The run plumbing the scripts share: the part a reader can skip. No algorithm lives here (opsd.py, grpo.py, sft.py and
-eval.py hold theirs, and opsd.py the option groups); it imports prompts.py only.
+eval.py hold theirs); it imports prompts.py only.
 
-  1. options: typed, bounded option values, presets, and the checks that run before any model loads;
+  1. options: typed, bounded option values, the option groups every training script shares (each script adds its
+     own), presets, and the checks that run before any model loads;
   2. the out dir: one run per directory (a lock), never a silent reuse of an earlier run's;
   3. logging: one line per step (or a progress bar) and log.jsonl; JSON-lines files that a resume cuts back;
   4. checkpoints: their layout (in one place, below), atomic writes, rotation that spares the newest and the best,
@@ -55,6 +56,78 @@ positive_int, count = bounded(int, 1), bounded(int, 0)
 fraction, nonnegative = bounded(float, 0.0, 1.0), bounded(float, 0.0)
 positive_float, probability = bounded(float, 0.0, low_open=True), bounded(float, 0.0, 1.0, low_open=True)
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # every linear layer of a Qwen3 block
+
+
+def model_options(parser, lora=True):
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="Qwen/Qwen3-1.7B", help="HF id or local directory of the base model")
+    group.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="auto: bf16 on CUDA")
+    if lora:  # the training scripts' options
+        group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                           help="torch.compile the per-token loss")
+        group.add_argument("--lora-r", type=positive_int, default=64, help="LoRA rank")
+        group.add_argument("--lora-alpha", type=positive_float, default=128, help="LoRA alpha")
+        group.add_argument("--lora-dropout", type=fraction, default=0.0, help="LoRA dropout (0: sampling = scoring)")
+        group.add_argument("--lora-targets", default=LORA_TARGETS, help="comma-separated module names")
+        group.add_argument("--full-finetune", action="store_true", help="train every weight instead of LoRA")
+        group.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+
+
+def sampling_options(parser, temperature, max_new_tokens, gpu_memory, training=True):
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--sampler", choices=["auto", "hf", "vllm"], default="auto", help="auto: vLLM on GPU, else HF")
+    group.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, help="rollout length limit")
+    group.add_argument("--temperature", type=bounded(float, 0.0, 2.0), default=temperature, help="0: greedy")
+    group.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling (1: off)")
+    group.add_argument("--sampling-top-k", type=count, default=0, help="top-k sampling (0: off)")
+    group.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=False, help="the student's Qwen3 "
+                       "thinking mode")
+    group.add_argument("--vllm-gpu-memory", type=probability, default=gpu_memory, help="GPU memory share for vLLM")
+    if training:
+        group.add_argument("--vllm-sleep", action=argparse.BooleanOptionalAction, default=True, help="vLLM sleeps "
+                           "while training runs (GPU)")
+    group.add_argument("--seed", type=count, default=0, help="seed for init, data order and sampling")
+    return group
+
+
+def training_parser(description, script, presets=None):
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.presets = presets or {}
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), default=None, help="named option values; flags win")
+    model_options(parser)
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", default=prompts.TRAIN_DATA[0], help="HF id, prompts.BENCHMARKS key or local file")
+    group.add_argument("--split", default=prompts.TRAIN_DATA[1], help="dataset split (HF ids)")
+    group.add_argument("--max-problems", type=positive_int, default=None, help="use only the first N problems")
+    group = parser.add_argument_group("optimization")
+    group.add_argument("--lr", type=positive_float, default=2e-5, help="peak learning rate (AdamW)")
+    group.add_argument("--warmup-ratio", type=fraction, default=0.1, help="linear warmup share; cosine after")
+    group.add_argument("--weight-decay", type=nonnegative, default=0.0, help="AdamW weight decay")
+    group.add_argument("--batch-size", type=positive_int, default=32, help="problems per step, over all ranks")
+    group.add_argument("--micro-batch-size", type=positive_int, default=4, help="sequences per forward pass")
+    group.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the data (no --max-steps)")
+    group.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps (overrides --epochs)")
+    group.add_argument("--max-grad-norm", type=nonnegative, default=1.0, help="gradient norm clip (0: off)")
+    group.add_argument("--chunk-size", type=positive_int, default=128, help="positions per chunk of the loss")
+    sampling_options(parser, temperature=1.1, max_new_tokens=2048, gpu_memory=0.4)
+    group = parser.add_argument_group("output and checkpoints")
+    group.add_argument("--out-dir", default=f"runs/{script}", help="logs and checkpoints (one run per directory)")
+    group.add_argument("--overwrite", action="store_true", help="delete an earlier run's files from --out-dir")
+    group.add_argument("--save-every", type=positive_int, default=50, help="checkpoint every N steps and at the end")
+    group.add_argument("--keep", type=positive_int, default=2, help="newest checkpoints kept (and the best)")
+    group.add_argument("--stop-after", type=positive_int, default=None, help="save and exit after this step")
+    group.add_argument("--resume", default=None, help="a checkpoint, or an out dir (its latest): continue exactly")
+    group.add_argument("--progress-bar", action="store_true", help="a progress bar instead of a line per step")
+    group.add_argument("--wandb", default=None, help="wandb project (if wandb is installed)")
+    group = parser.add_argument_group("periodic eval")
+    group.add_argument("--eval-every", type=count, default=0, help="evaluate every N steps and at the end (0: off)")
+    group.add_argument("--eval-data", default=None, help="problems for --eval-every: a file or a BENCHMARKS key")
+    group.add_argument("--eval-samples", type=positive_int, default=1, help="samples per --eval-data problem")
+    group.add_argument("--eval-temperature", type=bounded(float, 0.0, 2.0), default=0.0, help="0: greedy")
+    group.add_argument("--eval-max-new-tokens", type=positive_int, default=None, help="default: --max-new-tokens")
+    return parser
 
 
 def parse_config(parser, argv=None, implied=None):

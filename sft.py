@@ -30,11 +30,12 @@ import plumbing
 import prompts
 
 # -----------------------------------------------------------------------------
-# 1. config: opsd.py's shared option groups, then SFT's own
+# 1. config: the shared option groups (plumbing), then SFT's own
 
 
 def get_parser():
-    parser = opsd.training_parser("SFT on reference solutions (the paper's baseline), or training from scratch.", "sft")
+    parser = plumbing.training_parser("SFT on reference solutions (the paper's baseline), or training from scratch.",
+                                      "sft")
     group = parser.add_argument_group("SFT")
     group.add_argument("--from-scratch", action="store_true", help="random init from --model's config (full fine-tune)")
     group.add_argument("--max-length", type=plumbing.positive_int, default=16384, help="prompt + solution tokens (cut)")
