@@ -83,8 +83,7 @@ def sft_loss(model, examples, device, pad_id, chunk_size, normalizer, nll_fn=tok
 
 def main(argv=None):
     # 1. config (--from-scratch trains every weight: applied before the checks, so they see it)
-    parser = get_parser()
-    args = plumbing.parse_config(parser, argv, implied={"from_scratch": {"full_finetune": True}})
+    args = plumbing.parse_config(get_parser(), argv, implied={"from_scratch": {"full_finetune": True}})
     if args.stop_at_eval_avg is not None and not args.eval_every:
         raise prompts.UserError("--stop-at-eval-avg needs --eval-every (and --eval-data): it stops at a periodic eval")
     # 2. torchrun

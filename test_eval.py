@@ -322,3 +322,13 @@ def test_every_sampling_option_reaches_the_sampler(tiny, tmp_path, monkeypatch):
                         [[opsd.Sample([1], None)] * n for _ in ids])
     evaluate.main(cli(tiny, tmp_path, "--sampling-top-k", "7", "--top-p", "0.8", temperature="0.7"))
     assert seen[0] == {"max_new_tokens": 12, "temperature": 0.7, "top_p": 0.8, "top_k": 7}
+
+
+def test_eval_runs_in_bf16_with_the_same_problems_samples_and_summary(tiny, tmp_path):
+    """--dtype bfloat16 (the GPU default): the same problems, samples and summary fields as fp32. (The completions
+    themselves may differ where two logits of a random tiny model are within bf16's rounding.)"""
+    fp32 = evaluate.main(cli(tiny, tmp_path / "fp32", "--dtype", "float32"))
+    bf16 = evaluate.main(cli(tiny, tmp_path / "bf16", "--dtype", "bfloat16"))
+    assert bf16.keys() == fp32.keys() and bf16["samples"] == fp32["samples"] == 10
+    rows = read_rows(tmp_path / "bf16" / "samples.jsonl")
+    check_consistent(bf16, rows, 5, 2)
