@@ -610,8 +610,7 @@ def main(argv=None):
     state = run.restore(model, optimizer, scheduler, total_steps)
     teacher_copy = None  # swapped in for the teacher pass: the EMA weights, or the initial ones under full fine-tuning
     if args.teacher_weights == "ema" or (args.teacher_weights == "fixed" and args.full_finetune):
-        teacher_copy = [t.to(device) for t in state.get("teacher_copy") or params]
-        teacher_copy = [t.detach().clone() for t in teacher_copy]
+        teacher_copy = [t.detach().to(device).clone() for t in state.get("teacher_copy") or params]
     totals = {k: state.get(k, 0) for k in ("generated_tokens", "negative_loss_steps")}
     # 5. the sampler, and the per-token loss with its gradient
     sampler = make_sampler(args.sampler, model, tokenizer, args.model, device, dtype, None if args.full_finetune else
@@ -625,9 +624,9 @@ def main(argv=None):
     rollouts_path = os.path.join(args.out_dir, "rollouts.jsonl" if world == 1 else f"rollouts.rank{rank}.jsonl")
     rollouts_file = args.save_rollouts_every and plumbing.JsonlFile(rollouts_path, run.resume_step)
     per_rank = args.batch_size // world
-    run.print(f"{len(records)} problems | {total_steps} steps x {args.batch_size} problems ({world} ranks x {per_rank},"
-              " "
-              f"micro-batch {args.micro_batch_size}) | {sum(p.numel() for p in params):,} trainable parameters | "
+    run.print(f"{len(records)} problems | {total_steps} steps x {args.batch_size} problems ({world} ranks x "
+              f"{per_rank}, micro-batch {args.micro_batch_size}) | {sum(p.numel() for p in params):,} trainable "
+              "parameters | "
               f"{args.loss} beta {args.beta} | teacher {args.teacher_weights}, sees the {args.teacher_context} | "
               f"{type(sampler).__name__}, {str(dtype).removeprefix('torch.')}")
     record = {}
