@@ -859,3 +859,19 @@ def test_answer_only_teacher_sees_the_answer_and_not_the_solution_and_needs_no_s
     assert [context for _, context in seen] == ["answer"] * 4
     text = world["tokenizer"].decode(real(world["tokenizer"], seen[0][0], False, "answer"))
     assert seen[0][0]["answer"] in text and "Here is a reference solution" not in text
+
+
+def test_the_logged_accuracy_and_length_are_the_rollouts(world, tmp_path, monkeypatch):
+    """Values only the log (and bench_toy) read: each step's rollout_acc and rollout_len are the mean grade and length
+    of that step's rollouts, as written to rollouts.jsonl, and generated_tokens is their sum."""
+    monkeypatch.setattr(prompts, "grade", lambda completion, gold, timeout=5.0: len(completion) % 3 == 0)
+    opsd.main(run_args(world, tmp_path, "--max-steps", "3", "--save-rollouts-every", "1", "--max-new-tokens", "24",
+                       "--temperature", "1.5"))
+    rows = [json.loads(line) for line in open(tmp_path / "rollouts.jsonl")]
+    for record in log(tmp_path):
+        mine = [r for r in rows if r["step"] == record["step"]]
+        assert len(mine) == 4
+        assert record["rollout_acc"] == pytest.approx(sum(r["correct"] for r in mine) / 4)
+        assert record["rollout_len"] == pytest.approx(sum(r["length"] for r in mine) / 4)
+        assert record["generated_tokens"] == sum(r["length"] for r in mine)
+    assert 0 < sum(r["correct"] for r in rows) < len(rows)  # both grades occur, so a constant would fail
