@@ -685,7 +685,7 @@ def main(argv=None):
         # 9. log (per-rollout means, then over ranks), rollouts, eval, checkpoint (plumbing)
         metrics = step_metrics(out, samples, texts, correct, cut, padding, args, sampler.stop_ids, world, device)
         totals["generated_tokens"] += int(metrics["generated_tokens"])
-        totals["negative_loss_steps"] += loss < 0  # the entry clip's symptom (official issue #2)
+        totals["negative_loss_steps"] += args.loss == "jsd" and loss < 0  # the entry clip's symptom (official #2)
         times["step"] = time.perf_counter() - times.pop("start")
         record = {"step": step + 1, "loss": loss, **metrics, "generated_tokens_total": totals["generated_tokens"],
                   "negative_loss_steps": totals["negative_loss_steps"], "lr": lr, "grad_norm": grad_norm,
