@@ -146,7 +146,7 @@ FILE_FORMATS = (".jsonl", ".json", ".parquet")
 
 class UserError(ValueError):
     """A bad option, file or record, with a message that names it. Every script prints it as one line and
-    exits with status 2 (common.run_script): the user has something to fix, not a bug to report."""
+    exits with status 2 (plumbing.run_script): the user has something to fix, not a bug to report."""
 
 
 def read_jsonl(path: str, torn_tail_ok: bool = False) -> tuple[list[dict], int]:

@@ -161,7 +161,7 @@ class TestOneEngine:
 
 
 def test_both_samplers_stop_on_the_same_ids_including_the_generation_configs(world, problems, tmp_path):
-    """vLLM also stops on every eos id in generation_config.json; lm.stop_token_ids adds them for HF too, and vLLM is
+    """vLLM also stops on every eos id in generation_config.json; opsd.stop_token_ids adds them for HF too, and vLLM is
     told to stop on exactly that list (ignore_eos), so the two return the same completions, ending in the same id."""
     model_dir = tmp_path / "model"
     shutil.copytree(world["model"], model_dir)
