@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -89,6 +90,16 @@ def test_the_import_graph_is_a_tree_with_opsd_as_the_building_blocks():
     def reaches(start, target, seen=()):
         return any(n == target or (n not in seen and reaches(n, target, seen + (n,))) for n in graph.get(start, ()))
     assert not [m for m in graph if reaches(m, m)], "import cycle"
+
+
+def test_the_readmes_line_counts_are_the_files():
+    """Every "`name.py` (N lines" or "`name.py` (N)" in the README is that file's line count today."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    counts = re.findall(r"`(\w+\.py)`\s+\((\d[\d,]*)(?: lines)?[:)]", text)
+    assert {name for name, _ in counts} >= {"opsd.py", "sft.py", "grpo.py", "eval.py", "plumbing.py", "prompts.py"}
+    for name, n in counts:
+        with open(os.path.join(HERE, name)) as f:
+            assert sum(1 for _ in f) == int(n.replace(",", "")), f"README: {name} ({n} lines)"
 
 
 # -----------------------------------------------------------------------------
