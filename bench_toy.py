@@ -13,7 +13,7 @@ Budgets match in generated tokens per step: OPSD samples 1 rollout for each of 3
 of 4 problems; SFT generates nothing (it trains on the references). Every method uses the learning rate of its toy
 settings (toy.PRESETS): GRPO's 3e-4 is the best of a four-point sweep, OPSD's and SFT's 1e-3 were not swept. Finished
 runs are skipped on a re-run (a run is finished when its log holds the final eval), so the benchmark can be stopped
-and resumed. Writes OUT/<table>.json and OUT/<table>.md, and a plot for the methods and budget tables (matplotlib).
+and resumed. Writes OUT/<table>.json and OUT/<table>.md, and every curve as bench_toy[_<table>].png (matplotlib).
 """
 import argparse
 import json
@@ -64,7 +64,7 @@ parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
 parser.add_argument("--steps", type=plumbing.positive_int, default=150, help="optimizer steps per run")
 parser.add_argument("--eval-every", type=plumbing.positive_int, default=25, help="held-out greedy eval every N steps")
 parser.add_argument("--out-dir", default="runs/toy_bench", help="where runs and results go")
-parser.add_argument("--plot", default="bench_toy.png", help="PNG path for the methods plot ('' to skip)")
+parser.add_argument("--plot", default=None, help="PNG path ('' to skip; default bench_toy[_TABLE].png)")
 parser.add_argument("--threads", type=plumbing.positive_int, default=2, help="torch threads per run")
 
 
@@ -187,6 +187,7 @@ def report(results, table):
 
 
 def plot(results, path):
+    """Accuracy against generated tokens, one curve per run (mean ± std over seeds), a panel per setting."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -202,8 +203,9 @@ def plot(results, path):
                 ax.axhline(rows[-1]["acc"], color="tab:green", linestyle="-.",
                            label="SFT on the references (final, 0 tokens)")
                 continue
+            label = name.upper() if results["table"] == "methods" else name
             ax.errorbar([0] + [x["tokens"] for x in rows], [r["warm_start"]] + [x["acc"] for x in rows],
-                        yerr=[0] + [x["acc_std"] for x in rows], label=name.upper(), marker="o", capsize=3)
+                        yerr=[0] + [x["acc_std"] for x in rows], label=label, marker="o", capsize=3)
         ax.axhline(r["teacher"], color="gray", linestyle="--", label="teacher (reference shown)")
         ax.set_title(f"{setting} references")
         ax.set_xlabel("generated tokens")
@@ -251,8 +253,9 @@ def main():
         json.dump(results, f, indent=1)
     with open(os.path.join(args.out_dir, f"{args.table}.md"), "w") as f:
         f.write(text + "\n")
-    if args.plot and args.table == "methods":
-        plot(results, args.plot)
+    path = f"bench_toy{'' if args.table == 'methods' else '_' + args.table}.png" if args.plot is None else args.plot
+    if path:
+        plot(results, path)
 
 
 if __name__ == "__main__":
