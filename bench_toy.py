@@ -107,14 +107,16 @@ def run_one(name, setting, seed, args):
 
 
 def curve(out):
-    """[(step, generated tokens so far, training seconds so far, accuracy)] from a run's log.jsonl."""
-    tokens, seconds, points = 0, 0.0, []
+    """[(step, generated tokens so far, training seconds so far, accuracy, share of rollouts cut at the limit so far)]
+    from a run's log.jsonl."""
+    tokens, seconds, truncated, points = 0, 0.0, [], []
     for record in prompts.read_jsonl(os.path.join(out, "log.jsonl"), torn_tail_ok=True)[0]:
         if "eval" in record:
-            points.append((record["step"], tokens, seconds, record["eval"]["avg"]))
+            points.append((record["step"], tokens, seconds, record["eval"]["avg"], statistics.mean(truncated or [0])))
         else:
             tokens = record.get("generated_tokens_total", 0)
             seconds += record["time_step"]
+            truncated.append(record.get("truncated", 0.0))  # SFT's steps generate nothing
     return points
 
 
@@ -125,6 +127,7 @@ def summarize(curves):
         accs = [c[i][3] for c in curves]
         rows.append({"step": step, "tokens": statistics.mean(c[i][1] for c in curves),
                      "seconds": statistics.mean(c[i][2] for c in curves), "acc": statistics.mean(accs),
+                     "truncated": statistics.mean(c[i][4] for c in curves),
                      "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "acc_seeds": accs})
     return rows
 
@@ -162,9 +165,9 @@ def report(results, table):
             lines += [f"{setting} references: warm start {r['warm_start']:.1%}; teacher with the reference "
                       f"{r['teacher']:.1%}, with only the final answer {r['teacher_answer_only']:.1%} (the warm start "
                       "never showed it an answer alone)", ""]
-        lines += ["| variant | flags | final accuracy | gain over warm start (points) | generated tokens | "
-                  "training time (s) |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["| variant | flags | final accuracy | gain over warm start (points) | rollouts cut at the limit | "
+                  "generated tokens | training time (s) |",
+                  "|---|---|---|---|---|---|---|"]
     for setting, r in results["settings"].items():
         for name, rows in r["runs"].items():
             last, gain = rows[-1], 100 * (rows[-1]["acc"] - r["warm_start"])
@@ -172,7 +175,7 @@ def report(results, table):
                 lines.append(f"| {setting} | {name} | {gain:+.1f} | {last['tokens']:,.0f} | {last['seconds']:.0f} |")
             else:
                 lines.append(f"| {name} | `{' '.join(RUNS[name][1]) or '(defaults)'}` | {cell(rows)} | {gain:+.1f} | "
-                             f"{last['tokens']:,.0f} | {last['seconds']:.0f} |")
+                             f"{last['truncated']:.1%} | {last['tokens']:,.0f} | {last['seconds']:.0f} |")
         if "opsd" in r["runs"] and "grpo" in r["runs"]:
             grpo = r["runs"]["grpo"][-1]
             reached = tokens_to_reach(r["warm_start"], r["runs"]["opsd"], grpo["acc"])
