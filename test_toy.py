@@ -95,6 +95,14 @@ def test_a_script_in_the_toy_world_gets_the_toy_settings_and_its_own_flags_win(t
     assert args.out_dir == "runs/toy/opsd"
 
 
+@pytest.mark.parametrize("script", sorted(toy.SCRIPTS))
+def test_every_scripts_toy_settings_are_options_of_that_script(script, tmp_path, monkeypatch):
+    """`python toy.py SCRIPT` for every script: its toy settings parse with that script's own parser."""
+    monkeypatch.setenv("OPSD_TOY_CACHE", str(tmp_path / "cache"))
+    args = toy.SCRIPTS[script].get_parser().parse_args(toy.script_argv(script))
+    assert args.model == toy.paths("own")["warm"] and args.max_new_tokens == 96
+
+
 def test_the_toy_world_names_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("OPSD_TOY_CACHE", str(tmp_path / "empty"))
     with pytest.raises(prompts.UserError, match=r"no toy warm start at .*`python toy.py prepare --references own`"):

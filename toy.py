@@ -221,8 +221,7 @@ COMMON = dict(lora_r=16, lora_alpha=32, lr=1e-3, warmup_ratio=0.1, max_new_token
 PRESETS = {"opsd": dict(COMMON, batch_size=32, max_steps=150),
            "grpo": dict(COMMON, batch_size=4, group_size=8, max_steps=150, lr=3e-4),
            "sft": dict(COMMON, batch_size=32, max_steps=150),
-           "eval": dict(samples=1, temperature=0.0, top_p=1.0, max_new_tokens=96, thinking=False, sampler="hf",
-                        compile=False)}
+           "eval": dict(samples=1, temperature=0.0, top_p=1.0, max_new_tokens=96, thinking=False, sampler="hf")}
 SCRIPTS = {"opsd": opsd, "grpo": grpo, "sft": sft, "eval": evaluation}
 
 
