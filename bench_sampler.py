@@ -42,8 +42,8 @@ def mismatch(model_dir, prompt_ids, lora_r, max_new_tokens):
     seeds = list(range(len(prompt_ids)))
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
-        model, tokenizer = opsd.load_model(model_dir, cpu, dtype, lora=dict(r=lora_r, lora_alpha=2 * lora_r,
-                                                                            target_modules=plumbing.LORA_TARGETS.split(",")))
+        lora = dict(r=lora_r, lora_alpha=2 * lora_r, target_modules=plumbing.LORA_TARGETS.split(","))
+        model, tokenizer = opsd.load_model(model_dir, cpu, dtype, lora=lora)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_B" in name:

@@ -348,7 +348,8 @@ def read_checkpoint(args, script):
     if saved["script"] != script:
         raise UserError(f"--resume {path}: written by {saved['script']}.py, not {script}.py")
     settings = saved["settings"]
-    saved_value = lambda k: settings.get(k, args._defaults.get(k))  # noqa: E731 (one an older version lacked: its default)
+    # a setting an older version did not save counts as its default
+    saved_value = lambda k: settings.get(k, args._defaults.get(k))  # noqa: E731
     changed = {k: (saved_value(k), v) for k, v in settings_of(args).items() if k not in RESUMABLE_CHANGES and
                saved_value(k) != v}
     if changed:
