@@ -131,8 +131,8 @@ def main(argv=None):
     logprobs = opsd.compiled(token_logprobs, args.compile)
     n_rollouts = per_rank * args.group_size  # sequences per rank per step
     run.print(f"{len(records)} problems | {total_steps} steps x {args.batch_size} problems x {args.group_size} "
-              "rollouts "
-              f"({world} ranks x {n_rollouts} sequences) | {sum(p.numel() for p in params):,} trainable parameters | "
+              f"rollouts ({world} ranks x {n_rollouts} sequences) | {sum(p.numel() for p in params):,} trainable "
+              "parameters | "
               f"clip {args.ppo_clip_eps} kl {args.kl_beta} epochs {args.ppo_epochs} | {type(sampler).__name__}")
     record = {}
     for step in range(run.start_step, total_steps):
@@ -194,7 +194,8 @@ def main(argv=None):
                                    "zero_adv_groups": ((rewards == rewards[:, :1]).all(dim=1).float().mean(), "mean"),
                                    "clip_frac": (stats["clipped"], "mean"), "kl": (stats["kl"], "mean")}, world, device)
         generated_total += int(metrics["generated"])
-        elapsed, loss, grad_norm = time.perf_counter() - t0, sum(losses) / len(losses), sum(grad_norms) / len(losses)
+        elapsed, loss = time.perf_counter() - t0, sum(losses) / len(losses)
+        grad_norm = sum(grad_norms) / len(grad_norms)
         # rollout_acc is the mean reward; generated_tokens(_total) are opsd.py's keys, for the token-budget comparison
         record = {"step": step + 1, "loss": loss, **{k: metrics[k] for k in ("rollout_acc", "zero_adv_groups",
                                                                             "clip_frac", "kl")},
@@ -205,8 +206,7 @@ def main(argv=None):
         surrogate = f"loss {loss:.4f} | " if args.ppo_epochs > 1 else ""  # with one epoch it is 0 by construction
         run.log(record, f"step {step + 1}/{total_steps} | {surrogate}reward {record['rollout_acc']:.2f} | zero-adv "
                         f"groups {record['zero_adv_groups']:.2f} | grad norm {grad_norm:.3f} | len "
-                        f"{record['rollout_len']:.0f} | "
-                        f"{record['tokens_per_s']:.0f} tok/s | {elapsed:.1f}s")
+                        f"{record['rollout_len']:.0f} | {record['tokens_per_s']:.0f} tok/s | {elapsed:.1f}s")
         if run.eval_due(step, total_steps):
             run.evaluate(step + 1, sampler, tokenizer, thinking=args.thinking,
                          adapter=opsd.adapter_for(sampler, model, args.out_dir, rank, f"eval{step + 1}"))

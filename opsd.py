@@ -626,9 +626,8 @@ def main(argv=None):
     per_rank = args.batch_size // world
     run.print(f"{len(records)} problems | {total_steps} steps x {args.batch_size} problems ({world} ranks x "
               f"{per_rank}, micro-batch {args.micro_batch_size}) | {sum(p.numel() for p in params):,} trainable "
-              "parameters | "
-              f"{args.loss} beta {args.beta} | teacher {args.teacher_weights}, sees the {args.teacher_context} | "
-              f"{type(sampler).__name__}, {str(dtype).removeprefix('torch.')}")
+              f"parameters | {args.loss} beta {args.beta} | teacher {args.teacher_weights}, sees the "
+              f"{args.teacher_context} | {type(sampler).__name__}, {str(dtype).removeprefix('torch.')}")
     record = {}
     for step in range(run.start_step, total_steps):
         times = {"start": time.perf_counter(), "teacher": 0.0, "student": 0.0}
