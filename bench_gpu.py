@@ -20,10 +20,12 @@ import os
 import platform
 import tempfile
 import time
+from contextlib import contextmanager
 
 import torch
 
 import opsd
+import plumbing
 
 
 # the public configs (config.json of each Qwen/Qwen3-*): hidden, layers, attention heads, KV heads, MLP, tied embeddings
@@ -93,21 +95,18 @@ def save_model(config, path):
 
 
 class Clock:
+    """with clock("stage"): ... adds the stage's wall time (the GPU synchronised at both ends) to clock.times."""
+
     def __init__(self, device):
         self.device, self.times = device, {}
 
+    @contextmanager
     def __call__(self, name):
-        clock = self
-
-        class Span:
-            def __enter__(self):
-                clock.sync()
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *_):
-                clock.sync()
-                clock.times[name] = clock.times.get(name, 0.0) + time.perf_counter() - self.t0
-        return Span()
+        self.sync()
+        t0 = time.perf_counter()
+        yield
+        self.sync()
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
     def sync(self):
         if self.device.type == "cuda":
@@ -126,9 +125,8 @@ def peak_gb(device, reset=False):
 def opsd_step(args, path, device, dtype, grad_checkpointing, rollouts):
     """One OPSD step with opsd.py's own functions, stage by stage: (times, peak GB, rollouts)."""
     torch.manual_seed(0)
-    model, tokenizer = opsd.load_model(path, device, dtype, dict(r=64, lora_alpha=128, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
-        grad_checkpointing=grad_checkpointing)
+    lora = dict(r=64, lora_alpha=128, target_modules=plumbing.LORA_TARGETS.split(","))
+    model, tokenizer = opsd.load_model(path, device, dtype, lora, grad_checkpointing=grad_checkpointing)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     loss_grad = opsd.loss_and_gradient(lambda s, t, y: opsd.opsd_token_loss(s, t, y, temperature=1.2),
@@ -200,8 +198,9 @@ def loss_alone(T, config, device, compile):
 def main():
     args = get_parser().parse_args()
     if args.memory_plan:
-        print(memory_plan())
-        return memory_plan()
+        plan = memory_plan()
+        print(plan)
+        return plan
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.bfloat16
     config = qwen3_1_7b()
@@ -212,8 +211,7 @@ def main():
     lines = [f"bench_gpu.py, {datetime.date.today()}, {name}, torch {torch.__version__}, bf16"
              + (" (--smoke: tiny sizes on CPU, no timing claims)" if args.smoke else ""), "",
              f"(a) one OPSD step: {args.problems} problems x {args.rollout}-token rollouts, micro-batch "
-             f"{args.micro_batch}, "
-             "LoRA r=64 on every linear layer, rollouts from HF generate", "",
+             f"{args.micro_batch}, LoRA r=64 on every linear layer, rollouts from HF generate", "",
              "| configuration | sample (s) | teacher pass (s) | student pass + loss (s) | update (s) | peak GB |",
              "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as path:

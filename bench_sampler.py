@@ -58,8 +58,8 @@ def mismatch(model_dir, prompt_ids, lora_r, max_new_tokens):
                 logits = opsd.completion_hidden(model, batch) @ opsd.lm_parts(model)[1].T
             logp = opsd.upcast(logits).log_softmax(-1).gather(-1, batch["targets"][:, None])[:, 0]
             return (logp - torch.tensor([lp for s in samples for lp in s[0].logprobs])).abs()
-        hf_greedy, hf_distance = hf.generate(prompt_ids, 1, greedy, seeds), distance(hf.generate(prompt_ids, 1, sampled,
-                                                                                                seeds))
+        hf_greedy = hf.generate(prompt_ids, 1, greedy, seeds)
+        hf_distance = distance(hf.generate(prompt_ids, 1, sampled, seeds))
         with tempfile.TemporaryDirectory() as out_dir:
             vllm = opsd.make_sampler("vllm", None, tokenizer, model_dir, cpu, dtype, lora_rank=lora_r, seed=0,
                                      gpu_memory=0.3)
