@@ -273,7 +273,7 @@ def main(argv=None):
         raise prompts.UserError(f"--benchmarks: unknown {unknown}; known: {sorted(prompts.BENCHMARKS)} (or --data)")
     records = [{**r, "benchmark": name} for name, source in sources
                for r in prompts.load_records(source, None, require=require, limit=args.limit)]
-    lock = plumbing.claim_out_dir(args.out_dir, args.resume, args.overwrite, master=rank == 0)  # noqa: F841 (held)
+    lock = plumbing.claim_out_dir(args.out_dir, args.resume, args.overwrite, master=rank == 0)  # held until the end
     # 4-5. model (+ adapter) and sampler: vLLM serves the base with the adapter as a LoRARequest; HF loads it with PEFT
     lora_rank = json.load(open(os.path.join(adapters[0], "adapter_config.json")))["r"] if adapters else None
     full = [w for w in weights if w and w not in adapters]  # --checkpoints of a --full-finetune run: whole models
@@ -329,6 +329,8 @@ def main(argv=None):
         print(write_curve(args.out_dir, curve), flush=True)
     if world > 1 and dist.is_initialized():  # (a vLLM engine's teardown may have destroyed it already)
         dist.destroy_process_group()
+    if lock:  # closed here, not when this frame is collected (a kept traceback can hold it for a long time)
+        lock.close()
     summary = {k: v for k, v in summary.items() if k != "config"}
     return {**summary, "curve": curve} if args.checkpoints else summary
 

@@ -190,7 +190,7 @@ LEFTOVERS = ("log.jsonl*", "rollouts*.jsonl*", "checkpoint-*.tmp", "vllm_adapter
 
 def claim_out_dir(out_dir, continuing, overwrite, master=True):
     """Apply the rule above (every rank); on rank 0 lock out_dir for this process (the lock dies with it,
-    kill -9 included) and carry out --overwrite. Returns the open lock file, to keep."""
+    kill -9 included) and carry out --overwrite. Returns the open lock file: the caller closes it when it ends."""
     lock = None
     if master:
         os.makedirs(out_dir, exist_ok=True)
@@ -567,6 +567,8 @@ class Run:
             self.bar.close()
         if self.world > 1 and dist.is_initialized():  # (a vLLM engine's teardown may have destroyed it already)
             dist.destroy_process_group()
+        if self.lock:  # the out dir is free now, whatever still refers to this run
+            self.lock.close()
         where = os.path.join(self.args.out_dir, CHECKPOINT.format(self.last_saved)) if self.last_saved else "none"
         print0(f"{self.script}: log {os.path.join(self.args.out_dir, 'log.jsonl')}, latest checkpoint {where}" +
                (f", best {named(self.args.out_dir, 'best')} (avg {self.best['avg']:.4f})" if self.best else ""))

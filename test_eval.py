@@ -9,6 +9,7 @@ import torch
 
 import eval as evaluate
 import opsd
+import plumbing
 import prompts
 import sft
 import toy
@@ -314,6 +315,15 @@ def test_checkpoints_of_a_run_each_get_a_summary_and_the_curve_resumably(tiny, t
     again = evaluate.main(cli(tiny, out, "--checkpoints", str(run), "--resume"))
     # checkpoint 2's samples were all there: none sampled again
     assert asked == [] and again["curve"] == result["curve"]
+
+
+def test_the_out_dir_lock_is_released_when_eval_returns(tiny, tmp_path, monkeypatch):
+    """The lock is closed by eval.py itself, not whenever its frame is collected: a lingering reference to it (a kept
+    traceback holds every frame) once refused the next eval in the same process ("another run is writing there")."""
+    locks, claim = [], plumbing.claim_out_dir
+    monkeypatch.setattr(plumbing, "claim_out_dir", lambda *a, **k: locks.append(claim(*a, **k)) or locks[-1])
+    evaluate.main(cli(tiny, tmp_path))
+    assert len(locks) == 1 and locks[0].closed
 
 
 def test_every_sampling_option_reaches_the_sampler(tiny, tmp_path, monkeypatch):

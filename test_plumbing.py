@@ -301,6 +301,15 @@ def test_a_used_out_dir_is_refused_and_overwrite_replaces_only_what_a_run_wrote(
         sft.main(sft_args(world, out / "file", "--max-steps", "1"))
 
 
+def test_a_finished_run_releases_its_out_dir_lock(world, tmp_path, monkeypatch):
+    """Run.finish closes the lock (as eval.py does), so the same process can continue the run in that out dir at once,
+    whatever still refers to the finished run."""
+    locks, claim = [], plumbing.claim_out_dir
+    monkeypatch.setattr(plumbing, "claim_out_dir", lambda *a, **k: locks.append(claim(*a, **k)) or locks[-1])
+    opsd.main(opsd_args(world, tmp_path, "--max-steps", "1"))
+    assert len(locks) == 1 and locks[0].closed
+
+
 def test_a_second_live_run_in_the_same_out_dir_is_refused(tmp_path):
     first = plumbing.claim_out_dir(str(tmp_path), continuing=False, overwrite=False)
     try:
