@@ -49,7 +49,7 @@ def mismatch(model_dir, prompt_ids, lora_r, max_new_tokens):
                 if "lora_B" in name:
                     p.normal_(0, 0.02)
         model.eval()
-        stop_ids = opsd.stop_token_ids(tokenizer, model_dir)
+        stop_ids = prompts.stop_token_ids(tokenizer, model_dir)
         hf = opsd.HFSampler(model, tokenizer, stop_ids, dtype, batch_size=len(prompt_ids))
 
         def distance(samples):  # |log p_sampler - log p_training| over every sampled token
@@ -110,7 +110,7 @@ def main():
         table = mismatch(model_dir, prompt_ids, args.lora_r, args.max_new_tokens)
         print(table)
         return table
-    stop_ids = opsd.stop_token_ids(tokenizer, model_dir)
+    stop_ids = prompts.stop_token_ids(tokenizer, model_dir)
     rows = []
     hf = opsd.HFSampler(model, tokenizer, stop_ids, batch_size=args.prompts)
     for adapter in (False, True):

@@ -256,7 +256,7 @@ def main(argv=None):
         if not weights:
             raise prompts.UserError(f"--checkpoints {args.checkpoints}: no complete checkpoint there")
     else:
-        weights = [plumbing.follow_latest(args.adapter, option="--adapter")] if args.adapter else [None]
+        weights = [plumbing.follow_latest(args.adapter)] if args.adapter else [None]
     adapters = [w for w in weights if w and os.path.exists(os.path.join(w, "adapter_config.json"))]
     if args.adapter and not adapters:
         raise prompts.UserError(f"--adapter {weights[0]}: no adapter_config.json there (for a --full-finetune run pass "

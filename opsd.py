@@ -205,18 +205,6 @@ class Sample(NamedTuple):
     logprobs: list | None  # per token, under the temperature / top-k / top-p distribution; None when greedy
 
 
-def stop_token_ids(tokenizer, model_path):
-    """The turn's end and eos (prompts.stop_token_ids) and the eos ids of generation_config.json, which vLLM always
-    stops on (Qwen3 lists <|im_end|> and <|endoftext|>): both samplers stop on exactly these."""
-    from transformers import GenerationConfig
-    ids = prompts.stop_token_ids(tokenizer)
-    try:
-        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
-    except OSError:  # no generation_config.json
-        return ids
-    return ids + [t for t in ([] if eos is None else [eos] if isinstance(eos, int) else eos) if t not in ids]
-
-
 class SeededSampling:
     """An HF logits processor that samples each row with its own seed: argmax(log p + g), g Gumbel noise drawn from
     (row seed, position), is a draw from p (the Gumbel-max trick) and depends on nothing else. p is after
@@ -343,7 +331,7 @@ def sampler_kind(kind, device, lora):
 
 def make_sampler(kind, model, tokenizer, model_path, device, dtype, lora_rank, seed, gpu_memory=0.4, world=1,
                  sleep=True):
-    stop_ids = stop_token_ids(tokenizer, model_path)
+    stop_ids = prompts.stop_token_ids(tokenizer, model_path)
     if sampler_kind(kind, device, lora_rank is not None) == "vllm":
         return VLLMSampler(model_path, stop_ids, lora_rank=lora_rank, dtype=dtype, seed=seed, gpu_memory=gpu_memory,
                            world=world, sleep=sleep and device.type == "cuda", device=device)

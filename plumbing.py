@@ -1,15 +1,11 @@
 """
-The run plumbing the scripts share: the part a reader can skip. No algorithm lives here (opsd.py, grpo.py, sft.py and
-eval.py hold theirs); it imports prompts.py only.
+The run plumbing the scripts share: the part a reader can skip. No algorithm lives here; it imports prompts.py only.
 
-  1. options: typed, bounded option values, the option groups every training script shares (each script adds its
-     own), presets, and the checks that run before any model loads;
+  1. options: typed, bounded values, the option groups every training script shares, presets, early checks;
   2. the out dir: one run per directory (a lock), never a silent reuse of an earlier run's;
-  3. logging: one line per step (or a progress bar) and log.jsonl; JSON-lines files that a resume cuts back;
-  4. checkpoints: their layout (in one place, below), atomic writes, rotation that spares the newest and the best,
-     and the checks that a --resume continues the same script with the same, readable, settings and files;
-  5. the run: Run ties 2-4 together (start, restore, log, evaluate, end_step, save, finish); run_script makes every
-     user error one line and exit 2, and Ctrl-C a saved step and exit 130.
+  3. logging: a line per step (or a progress bar), log.jsonl, JSON-lines files that a resume cuts back;
+  4. checkpoints: their layout (in one place), atomic writes, rotation, and the checks a --resume makes;
+  5. the run: Run ties 2-4 together; run_script makes a user error one line (exit 2), Ctrl-C a saved step (130).
 """
 import argparse
 import errno
@@ -43,10 +39,9 @@ def bounded(kind, low, high=None, low_open=False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
-        below = value <= low if low_open else value < low
-        if not math.isfinite(value) or below or (high is not None and value > high):
-            interval = f"{'(' if low_open else '['}{low}, {'inf' if high is None else high}]"
-            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text}")
+        if not math.isfinite(value) or value < low or (low_open and value == low) or value > (high or math.inf):
+            raise argparse.ArgumentTypeError(f"must be a finite number in {'(' if low_open else '['}{low}, "
+                                             f"{high or 'inf'}], got {text}")
         return value
     parse.__name__ = kind.__name__  # what argparse prints as the expected type
     return parse
@@ -183,7 +178,7 @@ def print0(*args, **kwargs):
 # wrote, unless it continues it (--resume) or replaces it (--overwrite). A run that never completed a
 # checkpoint has nothing to continue: it is started again.
 
-RUN_FILES = ("checkpoint-*", "latest", "best", "log.jsonl*", "rollouts*.jsonl*", "vllm_adapters", "samples*.jsonl",
+RUN_FILES = ("checkpoint-*", "best", "log.jsonl*", "rollouts*.jsonl*", "vllm_adapters", "samples*.jsonl",
              "samples.settings.json", "summary.json", "curve.*", ".lock")  # --overwrite deletes these, nothing else
 LEFTOVERS = ("log.jsonl*", "rollouts*.jsonl*", "checkpoint-*.tmp", "vllm_adapters")  # killed before its first save
 
@@ -271,8 +266,8 @@ def gather(values, world, device):
 # 4. checkpoints. The layout, in one place: OUT/checkpoint-NNNNNN/ holds the weights (a PEFT adapter,
 # adapter_model.safetensors + adapter_config.json, loadable by PeftModel.from_pretrained and vLLM's LoRARequest;
 # or a full model, model*.safetensors + config.json), the tokenizer, trainer_state.pt (optimizer, schedule, step,
-# the script's own state), rng_rank<R>.pt per rank, and run.json (the script and its settings). OUT/latest and
-# OUT/best name a checkpoint. Each is written to checkpoint-NNNNNN.tmp and renamed: complete or absent.
+# the script's own state), rng_rank<R>.pt per rank, and run.json (the script and its settings). Each is written to
+# checkpoint-NNNNNN.tmp and renamed: complete or absent; the newest is the latest. OUT/best names the best eval's.
 
 CHECKPOINT = "checkpoint-{:06d}"
 # settings a resumed run may change: where and how often it writes, how it is split into jobs, speed knobs that
@@ -305,7 +300,7 @@ def complete_checkpoints(out_dir):
 
 
 def named(out_dir, name):
-    """The checkpoint OUT/latest or OUT/best names, or None."""
+    """The checkpoint OUT/best names, or None."""
     path = os.path.join(out_dir, name)
     return os.path.join(out_dir, open(path).read().strip()) if os.path.exists(path) else None
 
@@ -316,20 +311,11 @@ def point(out_dir, name, checkpoint):
     os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))  # never an empty file
 
 
-def follow_latest(path, option="--resume"):
-    """An out dir stands for its latest checkpoint; anything else for itself. An empty or dangling `latest`
-    (a crash, a copy) falls back to the newest complete checkpoint, with a note."""
-    if not os.path.exists(os.path.join(path, "latest")) and checkpoint_step(path) is not None:
-        return path
-    latest = named(path, "latest")
-    if latest and checkpoint_step(latest) is not None and is_complete(latest):
-        return latest
-    complete = complete_checkpoints(path)
-    if not complete:
-        return path  # not an out dir with checkpoints: the caller says what is missing
-    why = f"`latest` names {os.path.basename(latest)}, which is missing or incomplete" if latest else "has no `latest`"
-    print0(f"{option} {path}: {why}; using the newest complete checkpoint, {os.path.basename(complete[-1])}")
-    return complete[-1]
+def follow_latest(path):
+    """An out dir stands for its latest checkpoint, the newest complete one (each is renamed into place whole, and a
+    resume from an older one deletes the newer ones first); anything else stands for itself."""
+    complete = complete_checkpoints(path) if checkpoint_step(path) is None else []
+    return complete[-1] if complete else path
 
 
 def read_checkpoint(args, script):
@@ -516,7 +502,7 @@ class Run:
         return stop
 
     def save(self, step, model, tokenizer, optimizer, scheduler, state):
-        """Write checkpoint `step` (the layout above), point `latest` (and `best`) at it, and delete older ones
+        """Write checkpoint `step` (the layout above), point `best` at it if it is, and delete older ones
         beyond --keep, never the best. A full disk is one line; the partial checkpoint is removed."""
         out_dir, path = self.args.out_dir, os.path.join(self.args.out_dir, CHECKPOINT.format(step))
         tmp = path + ".tmp"
@@ -544,7 +530,6 @@ class Run:
         if self.master:
             shutil.rmtree(path, ignore_errors=True)
             os.rename(tmp, path)
-            point(out_dir, "latest", path)
             if self.best is not None and self.best["step"] == step:
                 point(out_dir, "best", path)
             spared = {os.path.abspath(p) for p in (path, named(out_dir, "best")) if p}

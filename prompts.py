@@ -115,8 +115,10 @@ def cut_reference(tokenizer, record, max_tokens):
     return {**record, "solution": tokenizer.decode(ids[:max_tokens]) + REFERENCE_CUT}, True
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    # <|im_end|> ends a chat turn; eos (<|endoftext|> for Qwen3 base) also stops a model that forgot the template
+def stop_token_ids(tokenizer, model_path=None) -> list[int]:
+    """<|im_end|> ends a chat turn; eos (<|endoftext|> for Qwen3 base) also stops a model that forgot the template.
+    With model_path, also the eos ids of its generation_config.json, which vLLM always stops on (Qwen3 lists
+    <|im_end|> and <|endoftext|>): both samplers stop on exactly these."""
     ids = []
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if im_end is not None and im_end != tokenizer.unk_token_id:
@@ -125,6 +127,13 @@ def stop_token_ids(tokenizer) -> list[int]:
         ids.append(tokenizer.eos_token_id)
     if not ids:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has neither <|im_end|> nor an eos token")
+    if model_path is not None:
+        from transformers import GenerationConfig
+        try:
+            eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+        except OSError:  # no generation_config.json
+            eos = None
+        ids += [t for t in ([] if eos is None else [eos] if isinstance(eos, int) else eos) if t not in ids]
     return ids
 
 

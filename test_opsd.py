@@ -407,7 +407,7 @@ def test_padded_batch_scores_equal_unpadded(world):
 
 def hf_sampler(world, model=None):
     model = model or opsd.load_model(world["model"], CPU)[0].eval()
-    stop_ids = opsd.stop_token_ids(world["tokenizer"], world["model"])
+    stop_ids = prompts.stop_token_ids(world["tokenizer"], world["model"])
     return opsd.HFSampler(model, world["tokenizer"], stop_ids, batch_size=4)
 
 
@@ -684,7 +684,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(world, tmp_path, mon
     out = tmp_path / "run"
     with pytest.raises(FloatingPointError, match=r"step 3\b"):
         opsd.main(run_args(world, out, "--max-steps", "4", "--save-every", "2", "--save-rollouts-every", "0"))
-    assert sorted(os.listdir(out)) == [".lock", "checkpoint-000002", "latest", "log.jsonl"]
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint-000002", "log.jsonl"]
     checkpoint = plumbing.follow_latest(str(out))
     assert checkpoint.endswith("checkpoint-000002")
     assert torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)["step"] == 2

@@ -1,5 +1,5 @@
 """The specification of the run plumbing (plumbing.py) and of the layout: the import graph, checkpoints (rotation,
-atomic writes, `latest` and `best`, a full disk, corrupt files), resume (exact, and refused for another script or other
+atomic writes, latest and `best`, a full disk, corrupt files), resume (exact, and refused for another script or other
 settings; a run killed before its first save), the out dir (one run per dir), options rejected before any model
 loads, one-line user errors, Ctrl-C and kill -9.
 
@@ -103,7 +103,7 @@ def test_the_readmes_line_counts_are_the_files():
 
 
 # -----------------------------------------------------------------------------
-# 2. checkpoints: rotation (never the newest or the best), atomic writes, `latest`, a full disk, corrupt files
+# 2. checkpoints: rotation (never the newest or the best), atomic writes, the latest, a full disk, corrupt files
 
 
 def saver(world, out_dir, keep, best=None):
@@ -121,7 +121,7 @@ def test_rotation_keeps_the_newest_and_the_best_and_never_deletes_the_checkpoint
     out = tmp_path / "run"
     sft.main(sft_args(world, out, "--max-steps", "6", "--save-every", "2", "--keep", "2"))
     assert checkpoints(out) == ["checkpoint-000004", "checkpoint-000006"]
-    assert open(out / "latest").read() == "checkpoint-000006"
+    assert plumbing.follow_latest(str(out)) == str(out / "checkpoint-000006")
     # checkpoints of later steps than the one being written (another run's) are not older: rotation leaves them,
     # and the new one survives even at --keep 1
     for name in ["checkpoint-000008", "checkpoint-000010"]:
@@ -129,7 +129,6 @@ def test_rotation_keeps_the_newest_and_the_best_and_never_deletes_the_checkpoint
     saver(world, out, keep=1)(2)
     assert checkpoints(out) == ["checkpoint-000002", "checkpoint-000004", "checkpoint-000006", "checkpoint-000008",
                                 "checkpoint-000010"]
-    assert open(out / "latest").read() == "checkpoint-000002"
     (out / "best").write_text("checkpoint-000004")  # the best by the periodic eval: --keep never deletes it
     saver(world, out, keep=2)(12)  # now all others are older
     assert checkpoints(out) == ["checkpoint-000004", "checkpoint-000010", "checkpoint-000012"]
@@ -197,14 +196,12 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_run_resumes_once_th
     assert checkpoints(out) == ["checkpoint-000002", "checkpoint-000004"]
 
 
-@pytest.mark.parametrize("latest", ["", "checkpoint-000009"], ids=["empty", "dangling"])
-def test_a_broken_latest_falls_back_to_the_newest_complete_checkpoint(world, tmp_path, capsys, latest):
+def test_the_latest_is_the_newest_complete_checkpoint(world, tmp_path):
     out = tmp_path / "run"
     sft.main(sft_args(world, out, "--max-steps", "4", "--save-every", "2"))
-    (out / "latest").write_text(latest)
     os.makedirs(out / "checkpoint-000006")  # incomplete: no run.json, no trainer state
     assert plumbing.follow_latest(str(out)) == str(out / "checkpoint-000004")
-    assert "using the newest complete checkpoint, checkpoint-000004" in capsys.readouterr().out
+    assert plumbing.follow_latest(str(out / "checkpoint-000002")) == str(out / "checkpoint-000002")
 
 
 @pytest.mark.parametrize("file,damage", [("trainer_state.pt", "truncate"), ("adapter_model.safetensors", "truncate"),
@@ -214,7 +211,7 @@ def test_an_unreadable_or_missing_file_names_itself_and_offers_the_previous_chec
     sft.main(sft_args(world, out, "--max-steps", "4", "--save-every", "2", "--keep", "2"))
     path = out / "checkpoint-000004" / file
     path.write_bytes(path.read_bytes()[:100]) if damage == "truncate" else path.unlink()
-    if damage == "delete":  # a checkpoint without its weights is incomplete: `latest` falls back to the one before
+    if damage == "delete":  # a checkpoint without its weights is incomplete: the latest is the one before
         assert plumbing.follow_latest(str(out)).endswith("checkpoint-000002")
         sft.main(sft_args(world, out, "--max-steps", "4", "--save-every", "2", "--resume", str(out)))
         assert plumbing.is_complete(str(out / "checkpoint-000004"))

@@ -76,7 +76,7 @@ def ids(samples):
 
 
 def hf_greedy(model, world, problems, max_new_tokens=48):
-    hf = opsd.HFSampler(model, world["tokenizer"], opsd.stop_token_ids(world["tokenizer"], world["model"]))
+    hf = opsd.HFSampler(model, world["tokenizer"], prompts.stop_token_ids(world["tokenizer"], world["model"]))
     return ids(hf.generate(problems, 1, greedy(max_new_tokens), seeds=[0] * len(problems)))
 
 
@@ -161,8 +161,8 @@ class TestOneEngine:
 
 
 def test_both_samplers_stop_on_the_same_ids_including_the_generation_configs(world, problems, tmp_path):
-    """vLLM also stops on every eos id in generation_config.json; opsd.stop_token_ids adds them for HF too, and vLLM is
-    told to stop on exactly that list (ignore_eos), so the two return the same completions, ending in the same id."""
+    """vLLM also stops on every eos id in generation_config.json; prompts.stop_token_ids adds them for HF too, and vLLM
+    is told to stop on exactly that list (ignore_eos), so the two return the same completions, ending in the same id."""
     model_dir = tmp_path / "model"
     shutil.copytree(world["model"], model_dir)
     config = json.loads((model_dir / "generation_config.json").read_text())
@@ -171,7 +171,7 @@ def test_both_samplers_stop_on_the_same_ids_including_the_generation_configs(wor
     extra = next(c[0] for c in hf_greedy(base.eval(), world, problems) if len(c) > 1)  # a token the model does generate
     config["eos_token_id"] = [tokenizer.eos_token_id, extra]
     (model_dir / "generation_config.json").write_text(json.dumps(config))
-    stop_ids = opsd.stop_token_ids(tokenizer, str(model_dir))
+    stop_ids = prompts.stop_token_ids(tokenizer, str(model_dir))
     assert stop_ids == prompts.stop_token_ids(tokenizer) + [extra]
     engine = opsd.make_sampler("vllm", None, tokenizer, str(model_dir), CPU, torch.float32, lora_rank=None, seed=0,
                                gpu_memory=0.3)
