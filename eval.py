@@ -206,6 +206,7 @@ def reduce_summary(per_problem, benchmarks, ks, world):
     summary["avg_of_benchmarks"] = sum(s["avg"] for s in per_benchmark.values()) / len(per_benchmark)
     return {**summary, "benchmarks": per_benchmark}
 
+
 def format_table(summary):
     metrics = ["avg"] + [k for k in summary if k.startswith(("pass@", "maj@"))] + ["mean_length"]
     lines = [f"{'benchmark':<12}{'problems':>9}{'samples':>9}" + "".join(f"{m:>12}" for m in metrics)]

@@ -132,8 +132,8 @@ def main(argv=None):
     n_rollouts = per_rank * args.group_size  # sequences per rank per step
     run.print(f"{len(records)} problems | {total_steps} steps x {args.batch_size} problems x {args.group_size} "
               f"rollouts ({world} ranks x {n_rollouts} sequences) | {sum(p.numel() for p in params):,} trainable "
-              "parameters | "
-              f"clip {args.ppo_clip_eps} kl {args.kl_beta} epochs {args.ppo_epochs} | {type(sampler).__name__}")
+              f"parameters | clip {args.ppo_clip_eps} kl {args.kl_beta} epochs {args.ppo_epochs} | "
+              f"{type(sampler).__name__}")
     record = {}
     for step in range(run.start_step, total_steps):
         t0 = time.perf_counter()

@@ -34,14 +34,16 @@ from prompts import UserError
 
 def bounded(kind, low, high=None, low_open=False):
     """An argparse type: a finite `kind` (int or float) in [low, high], or (low, high] with low_open."""
+    high = math.inf if high is None else high
+
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
-        if not math.isfinite(value) or value < low or (low_open and value == low) or value > (high or math.inf):
-            raise argparse.ArgumentTypeError(f"must be a finite number in {'(' if low_open else '['}{low}, "
-                                             f"{high or 'inf'}], got {text}")
+        if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
+            raise argparse.ArgumentTypeError(f"must be a finite number in {'(' if low_open else '['}{low}, {high}], "
+                                             f"got {text}")
         return value
     parse.__name__ = kind.__name__  # what argparse prints as the expected type
     return parse
@@ -324,7 +326,7 @@ def read_checkpoint(args, script):
     an out dir whose run never completed a checkpoint (it starts again from step 0)."""
     path = follow_latest(args.resume)
     if not os.path.exists(os.path.join(path, "run.json")):
-        if any(glob.glob(os.path.join(args.resume, leftover)) for leftover in ("log.jsonl", "checkpoint-*.tmp")):
+        if any(glob.glob(os.path.join(args.resume, leftover)) for leftover in LEFTOVERS):
             print0(f"--resume {args.resume}: the run there never completed a checkpoint; starting it from step 0")
             return None
         raise UserError(f"--resume {args.resume}: no checkpoint there (no run.json; not a checkpoint dir, nor an out "
