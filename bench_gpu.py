@@ -26,6 +26,7 @@ import torch
 
 import opsd
 import plumbing
+import samplers
 
 
 # the public configs (config.json of each Qwen/Qwen3-*): hidden, layers, attention heads, KV heads, MLP, tied embeddings
@@ -129,8 +130,8 @@ def opsd_step(args, path, device, dtype, grad_checkpointing, rollouts):
     model, tokenizer = opsd.load_model(path, device, dtype, lora, grad_checkpointing=grad_checkpointing)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
-    loss_grad = opsd.loss_and_gradient(lambda s, t, y: opsd.opsd_token_loss(s, t, y, temperature=1.2),
-                                       compile=not args.smoke)
+    options = opsd.get_parser().parse_args(["--temperature", "1.2"])  # the loss's options: JSD beta 0.5, chunk 128
+    loss_grad = opsd.loss_and_gradient(opsd.opsd_token_loss, compile=not args.smoke)
     generator = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size - 3  # random prompts: a problem, and a 600-token reference for the teacher
     student_prompts = [torch.randint(3, vocab, (150,), generator=generator).tolist() for _ in range(args.problems)]
@@ -138,7 +139,7 @@ def opsd_step(args, path, device, dtype, grad_checkpointing, rollouts):
     clock = Clock(device)
     peak_gb(device, reset=True)
     if rollouts is None:
-        sampler = opsd.HFSampler(model, tokenizer, [10**9], dtype, batch_size=args.problems)  # no stop: full length
+        sampler = samplers.HFSampler(model, tokenizer, [10**9], dtype, batch_size=args.problems)  # no stop: full length
         with clock("sample"):
             samples = sampler.generate(student_prompts, 1, dict(max_new_tokens=args.rollout, temperature=1.0, top_p=1.0,
                                                                 top_k=0), seeds=list(range(args.problems)))
@@ -148,12 +149,17 @@ def opsd_step(args, path, device, dtype, grad_checkpointing, rollouts):
         part = slice(start, start + args.micro_batch)
         student = opsd.build_batch(student_prompts[part], rollouts[part], tokenizer.pad_token_id, device)
         teacher = opsd.build_batch(teacher_prompts[part], rollouts[part], tokenizer.pad_token_id, device)
-        with clock("teacher pass"), torch.no_grad(), opsd.autocast(device, dtype), model.disable_adapter():
-            teacher_hidden = opsd.completion_hidden(model, teacher)
-        weights = torch.full((len(student["targets"]),), 1 / len(student["targets"]), device=device)
-        with clock("student pass + loss"), opsd.autocast(device, dtype):
-            opsd.chunked_loss_backward(opsd.completion_hidden(model, student), teacher_hidden, opsd.lm_parts(model)[1],
-                                       None, student["targets"], weights, loss_grad, 128)
+        with clock("teacher pass"):
+            teacher_hidden = opsd.teacher_pass(model, teacher, options, None, device, dtype)
+        weights = opsd.per_token_weights(student["lengths"], args.problems, device)
+        head = opsd.lm_parts(model)[1]
+        with clock("student pass + loss"):
+            model.train()  # where gradient checkpointing acts
+            with plumbing.autocast(device, dtype):
+                student_hidden = opsd.completion_hidden(model, student)
+                opsd.chunked_loss_backward(student_hidden, teacher_hidden, head, head, student["targets"], weights,
+                                           loss_grad, options)
+            model.eval()
     peaks["passes"] = peak_gb(device, reset=True)
     with clock("update"):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -174,7 +180,8 @@ def loss_alone(T, config, device, compile):
                               generator=generator)
     targets = torch.randint(config.vocab_size, (T,), device=device, generator=generator)
     weights = torch.full((T,), 1 / T, device=device)
-    loss_grad = opsd.loss_and_gradient(lambda s, t, y: opsd.opsd_token_loss(s, t, y), compile=bool(compile))
+    options = opsd.get_parser().parse_args(["--temperature", "1.0"])  # JSD beta 0.5, chunk 128
+    loss_grad = opsd.loss_and_gradient(opsd.opsd_token_loss, compile=bool(compile))
     clock, result = Clock(device), "ok"
     for repeat in range(2):  # the first call compiles: the second is timed
         student = hidden.clone().requires_grad_()
@@ -187,7 +194,7 @@ def loss_alone(T, config, device, compile):
                     logp_teacher = opsd.upcast(teacher @ head.T).log_softmax(-1)
                     (opsd.generalized_jsd(logp_student, logp_teacher, 0.5) * weights).sum().backward()
                 else:
-                    opsd.chunked_loss_backward(student, teacher, head, None, targets, weights, loss_grad, 128)
+                    opsd.chunked_loss_backward(student, teacher, head, head, targets, weights, loss_grad, options)
         except torch.OutOfMemoryError:
             result = "out of memory"
             torch.cuda.empty_cache()

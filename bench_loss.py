@@ -81,15 +81,16 @@ def floor(hidden, teacher_hidden, weight, targets, args):
     return torch.zeros(())
 
 
+LOSS_GRAD = {compile: opsd.loss_and_gradient(opsd.opsd_token_loss, compile) for compile in (False, True)}
+
+
 def ours(hidden, teacher_hidden, weight, targets, args, compile):
     token_weights = torch.full((len(targets),), 1.0 / len(targets))  # the mean over positions
-    loss_grad = ours.cache.setdefault(compile, opsd.loss_and_gradient(
-        lambda s, t, y: opsd.opsd_token_loss(s, t, y, beta=args.beta), compile=compile))
-    return opsd.chunked_loss_backward(hidden, teacher_hidden, weight, None, targets, token_weights, loss_grad,
-                                      args.chunk_size)[0]  # the teacher's head is the student's, as under LoRA
-
-
-ours.cache = {}
+    options = opsd.get_parser().parse_args(["--beta", str(args.beta), "--chunk-size", str(args.chunk_size),
+                                            "--temperature", "1.0"])
+    # the teacher's head is the student's, as under LoRA
+    return opsd.chunked_loss_backward(hidden, teacher_hidden, weight, weight, targets, token_weights,
+                                      LOSS_GRAD[compile], options)[0]
 
 
 def naive(hidden, teacher_hidden, weight, targets, args):

@@ -6,7 +6,7 @@ stops at its stop token); each cell is the best of --repeats calls, after one wa
   python bench_sampler.py                        # the toy warm start (toy_cache/own), 64 prompts x 96 new tokens
   python bench_sampler.py --model DIR --prompts 256
   python bench_sampler.py --mismatch             # the sampler-trainer mismatch: vLLM and HF against the training pass
-`--sampler auto` is HF on CPU and vLLM on GPU (opsd.sampler_kind); this measures what that costs or saves on CPU.
+`--sampler auto` is HF on CPU and vLLM on GPU (samplers.sampler_kind); this measures what that costs or saves on CPU.
 """
 import argparse
 import contextlib
@@ -21,6 +21,7 @@ import torch
 import opsd
 import plumbing
 import prompts
+import samplers
 import toy
 
 parser = argparse.ArgumentParser(description="HF generate vs vLLM sampling throughput in the toy world",
@@ -50,19 +51,19 @@ def mismatch(model_dir, prompt_ids, lora_r, max_new_tokens):
                     p.normal_(0, 0.02)
         model.eval()
         stop_ids = prompts.stop_token_ids(tokenizer, model_dir)
-        hf = opsd.HFSampler(model, tokenizer, stop_ids, dtype, batch_size=len(prompt_ids))
+        hf = samplers.HFSampler(model, tokenizer, stop_ids, dtype, batch_size=len(prompt_ids))
 
         def distance(samples):  # |log p_sampler - log p_training| over every sampled token
             batch = opsd.build_batch(prompt_ids, [s[0].ids for s in samples], tokenizer.pad_token_id, cpu)
-            with torch.no_grad(), opsd.autocast(cpu, dtype):
+            with torch.no_grad(), plumbing.autocast(cpu, dtype):
                 logits = opsd.completion_hidden(model, batch) @ opsd.lm_parts(model)[1].T
             logp = opsd.upcast(logits).log_softmax(-1).gather(-1, batch["targets"][:, None])[:, 0]
             return (logp - torch.tensor([lp for s in samples for lp in s[0].logprobs])).abs()
         hf_greedy = hf.generate(prompt_ids, 1, greedy, seeds)
         hf_distance = distance(hf.generate(prompt_ids, 1, sampled, seeds))
         with tempfile.TemporaryDirectory() as out_dir:
-            vllm = opsd.make_sampler("vllm", None, tokenizer, model_dir, cpu, dtype, lora_rank=lora_r, seed=0,
-                                     gpu_memory=0.3)
+            vllm = samplers.make_sampler("vllm", None, tokenizer, model_dir, cpu, dtype, lora_rank=lora_r, seed=0,
+                                         gpu_memory=0.3)
             adapter = opsd.adapter_for(vllm, model, out_dir, 0, str(dtype))
             vllm_greedy = vllm.generate(prompt_ids, 1, greedy, seeds, adapter)
             vllm_distance = distance(vllm.generate(prompt_ids, 1, sampled, seeds, adapter))
@@ -112,15 +113,15 @@ def main():
         return table
     stop_ids = prompts.stop_token_ids(tokenizer, model_dir)
     rows = []
-    hf = opsd.HFSampler(model, tokenizer, stop_ids, batch_size=args.prompts)
+    hf = samplers.HFSampler(model, tokenizer, stop_ids, batch_size=args.prompts)
     for adapter in (False, True):
         for temperature in (0.0, 1.0):
             with contextlib.nullcontext() if adapter else model.disable_adapter():
                 rate, tokens = time_calls(hf, prompt_ids, temperature, args.repeats, args.max_new_tokens)
             rows.append(("hf", adapter, temperature, rate, tokens))
     with tempfile.TemporaryDirectory() as out_dir:
-        vllm = opsd.make_sampler("vllm", None, tokenizer, model_dir, cpu, torch.float32, lora_rank=args.lora_r, seed=0,
-                                 gpu_memory=0.3)
+        vllm = samplers.make_sampler("vllm", None, tokenizer, model_dir, cpu, torch.float32, lora_rank=args.lora_r,
+                                     seed=0, gpu_memory=0.3)
         path = opsd.adapter_for(vllm, model, out_dir, 0, "bench")
         for adapter in (False, True):
             for temperature in (0.0, 1.0):

@@ -38,6 +38,7 @@ import torch.distributed as dist
 import opsd
 import plumbing
 import prompts
+import samplers
 
 # -----------------------------------------------------------------------------
 # 1. config
@@ -102,12 +103,15 @@ def check_settings(path, settings):
 
 
 def run_eval(tokenizer, records, sampler, *, n, sampling, thinking, seed=0, teacher_context=None, rank=0, world=1,
-             out_path=None, resume=False, settings=None, batch_size=64, adapter=None, progress=False) -> dict:
+             out_path=None, resume=False, settings=None, batch_size=64, lora_request=None, progress=False) -> dict:
     """Evaluate `records` (prompts.load_records dicts; an optional "benchmark" key groups them) with n samples per
     problem. Under torchrun this rank does problems range(rank, N, world) and the sums are all-reduced: every rank
     returns the same summary. With `out_path` every sample is appended there once its sampler call returns;
     `resume` keeps the samples already written (and refuses other `settings` than those saved beside them)."""
-    ks, key = [k for k in KS if k <= n], lambda r: (r.get("benchmark", "data"), r["id"])  # noqa: E731
+    ks = [k for k in KS if k <= n]
+
+    def key(record):
+        return record.get("benchmark", "data"), record["id"]
     benchmarks = list(dict.fromkeys(key(r)[0] for r in records))  # the same order on every rank
     mine, done, file = records[rank::world], {}, None
     if out_path:
@@ -131,7 +135,8 @@ def run_eval(tokenizer, records, sampler, *, n, sampling, thinking, seed=0, teac
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="eval", unit="problem", dynamic_ncols=True)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
-        rows = plumbing.graded_samples(tokenizer, chunk, sampler, n, sampling, thinking, seed, adapter, teacher_context)
+        rows = plumbing.graded_samples(tokenizer, chunk, sampler, n, sampling, thinking, seed, lora_request,
+                                       teacher_context)
         new = []
         for i, row in enumerate(rows):
             record, s = chunk[i // n], i % n
@@ -264,7 +269,7 @@ def main(argv=None):
                                 "the checkpoint as --model)")
     # 2. torchrun: ranks split the problems
     rank, world, device = opsd.init_distributed()
-    dtype = opsd.compute_dtype(args.dtype, device)
+    dtype = plumbing.compute_dtype(args.dtype, device)
     # 3. data, before any model loads: a broken row costs a second
     require = ("problem", "answer") + (("solution",) if args.teacher_context == "solution" else ())
     sources = [(os.path.splitext(os.path.basename(args.data))[0], args.data)] if args.data else \
@@ -278,7 +283,7 @@ def main(argv=None):
     # 4-5. model (+ adapter) and sampler: vLLM serves the base with the adapter as a LoRARequest; HF loads it with PEFT
     lora_rank = json.load(open(os.path.join(adapters[0], "adapter_config.json")))["r"] if adapters else None
     full = [w for w in weights if w and w not in adapters]  # --checkpoints of a --full-finetune run: whole models
-    kind = opsd.sampler_kind(args.sampler, device, lora=True)
+    kind = samplers.sampler_kind(args.sampler, device, lora=True)
     model, tokenizer = (None, None) if kind == "vllm" else opsd.load_model(full[0] if full else args.model, device,
                                                                            dtype)
     if kind == "vllm":
@@ -287,7 +292,7 @@ def main(argv=None):
     elif adapters:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, adapters[0])
-    sampler = opsd.make_sampler(kind, model, tokenizer, args.model, device, dtype, lora_rank, args.seed,
+    sampler = samplers.make_sampler(kind, model, tokenizer, args.model, device, dtype, lora_rank, args.seed,
                                 args.vllm_gpu_memory, world, sleep=False)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     top_k=args.sampling_top_k)
@@ -310,12 +315,15 @@ def main(argv=None):
             settings = {"model": args.model, "adapter": path, "data": args.data or args.benchmarks,
                         **{k: getattr(args, k) for k in ("teacher_context", "temperature", "top_p", "sampling_top_k",
                                                          "max_new_tokens", "thinking", "seed")}}
+            lora_request = None  # vLLM gets the adapter per call; HF has it loaded in the model
+            if path in adapters and sampler.kind == "vllm":
+                lora_request = opsd.lora_request(path)
             summary = run_eval(tokenizer, records, sampler, n=args.samples, sampling=sampling, thinking=args.thinking,
                                seed=args.seed, teacher_context=args.teacher_context, rank=rank, world=world,
                                out_path=os.path.join(out_dir, "samples.jsonl"),
                                resume=args.resume or bool(args.checkpoints),
                                settings=settings, batch_size=args.batch_size, progress=True,
-                               adapter=path if path in adapters and sampler.kind == "vllm" else None)
+                               lora_request=lora_request)
             if rank == 0:
                 with open(summary_path, "w") as f:
                     json.dump({**summary, "config": plumbing.settings_of(args)}, f, indent=2)

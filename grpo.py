@@ -25,7 +25,6 @@ Run:
   torchrun --standalone --nproc_per_node 8 grpo.py   # 8 GPUs
 """
 import math
-import time
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -33,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 import opsd
 import plumbing
 import prompts
+import samplers
 
 # -----------------------------------------------------------------------------
 # 1. config: the shared option groups (plumbing), then GRPO's own
@@ -67,7 +67,8 @@ def group_advantages(rewards, eps=1e-4):
 
 def token_logprobs(hidden, head, targets, temperature):
     """log p(target) under softmax(hidden @ head.T / T), the distribution that sampled the rollout. (C,)"""
-    return (opsd.upcast(hidden @ head.T) / temperature).log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+    logp = (opsd.upcast(hidden @ head.T) / temperature).log_softmax(-1)  # (C, V)
+    return logp.gather(-1, targets[:, None])[:, 0]
 
 
 def rollout_logprobs(hidden, head, targets, temperature, chunk_size, logprobs=token_logprobs):
@@ -106,9 +107,10 @@ def main(argv=None):
     args = plumbing.parse_config(get_parser(), argv)
     if args.kl_beta > 0 and args.full_finetune:
         raise prompts.UserError("--kl-beta > 0 needs LoRA: the reference is the model with the adapter switched off")
+    plumbing.refuse_inert(args, [("ppo_clip_eps", args.ppo_epochs == 1, "with --ppo-epochs 1 (the ratio is 1)")])
     # 2. torchrun
     rank, world, device = opsd.init_distributed()
-    dtype = opsd.compute_dtype(args.dtype, device)
+    dtype = plumbing.compute_dtype(args.dtype, device)
     # 3. data: problems with a gold answer
     records = prompts.load_records(args.data, args.split, require=("problem", "answer"), limit=args.max_problems)
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(records) / args.batch_size))
@@ -121,14 +123,16 @@ def main(argv=None):
     optimizer, scheduler = opsd.make_optimizer(args, params, total_steps * args.ppo_epochs)
     state = run.restore(model, optimizer, scheduler, total_steps)
     generated_total = state.get("generated_tokens", 0)
-    # 5. the sampler
-    sampler = opsd.make_sampler(args.sampler, model, tokenizer, args.model, device, dtype,
-                                None if args.full_finetune else args.lora_r, args.seed, args.vllm_gpu_memory, world,
-                                args.vllm_sleep)
+    # 5. the sampler, and the rollout tokens' log-probs (compiled)
+    lora_rank = None if args.full_finetune else args.lora_r
+    sampler = samplers.make_sampler(args.sampler, model, tokenizer, args.model, device, dtype, lora_rank, args.seed,
+                                    args.vllm_gpu_memory, world, args.vllm_sleep)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     top_k=args.sampling_top_k)
-    temperature, per_rank = args.temperature or 1.0, args.batch_size // world
-    logprobs = opsd.compiled(token_logprobs, args.compile)
+    temperature = args.temperature or 1.0  # greedy rollouts are scored at 1
+    logprobs_fn = torch.compile(token_logprobs) if args.compile else token_logprobs
+    head = opsd.lm_parts(model)[1]
+    per_rank = args.batch_size // world
     n_rollouts = per_rank * args.group_size  # sequences per rank per step
     run.print(f"{len(records)} problems | {total_steps} steps x {args.batch_size} problems x {args.group_size} "
               f"rollouts ({world} ranks x {n_rollouts} sequences) | {sum(p.numel() for p in params):,} trainable "
@@ -136,80 +140,92 @@ def main(argv=None):
               f"{type(sampler).__name__}")
     record = {}
     for step in range(run.start_step, total_steps):
-        t0 = time.perf_counter()
+        clock = plumbing.StageClock(device)
         # 6. this rank's problems as prompt ids; G rollouts each from the current policy; 0/1 rewards; advantages
         indices = opsd.batch_indices(len(records), step, args.batch_size, args.seed, rank, world)
         batch = [records[i] for i in indices]
         student_prompts = [prompts.student_prompt_ids(tokenizer, r["problem"], args.thinking) for r in batch]
         seeds = [plumbing.request_seed(args.seed, step, i) for i in indices]
-        adapter = opsd.adapter_for(sampler, model, args.out_dir, rank, f"step{step}")
-        samples = sampler.generate(student_prompts, args.group_size, sampling, seeds, adapter)
-        groups = [[s.ids for s in group] for group in samples]
-        rollouts = [r for group in groups for r in group]  # problem-major: rollout i * G + j is (problem i, sample j)
+        lora_request = opsd.adapter_for(sampler, model, args.out_dir, rank, f"step{step}")
+        samples = sampler.generate(student_prompts, args.group_size, sampling, seeds, lora_request)
+        # problem-major: rollout i G + j is (problem i, sample j)
+        rollouts = [s.ids for group in samples for s in group]
         rollout_prompts = [p for p in student_prompts for _ in range(args.group_size)]
-        t_sample = time.perf_counter() - t0
-        rewards = torch.tensor([[float(prompts.grade(tokenizer.decode(r, skip_special_tokens=True), record["answer"]))
-                                 for r in group] for group, record in zip(groups, batch)])  # (P, G)
-        advantages = group_advantages(rewards, args.adv_eps).flatten().to(device)  # (P * G,)
+        clock.lap("sample")
+        rewards = torch.zeros(len(batch), args.group_size)  # (P, G)
+        for i, (group, record) in enumerate(zip(samples, batch)):
+            for j, sample in enumerate(group):
+                text = tokenizer.decode(sample.ids, skip_special_tokens=True)
+                rewards[i, j] = float(prompts.grade(text, record["answer"]))
+        advantages = group_advantages(rewards, args.adv_eps).flatten().to(device)  # (P G,)
         # 7. micro-batches; per token the rollout's advantage and weight 1/(|y_i| P G): the mean over a rollout's
-        # tokens, then over rollouts. old_logp (E > 1) and ref_logp (kl_beta > 0) are fixed before any update
-        parts = [slice(s, s + args.micro_batch_size) for s in range(0, n_rollouts, args.micro_batch_size)]
-        micro_batches = [opsd.build_batch(rollout_prompts[p], rollouts[p], tokenizer.pad_token_id, device)
-                         for p in parts]
-        fixed = []
-        for part, b in zip(parts, micro_batches):
-            given = {"advantages": advantages[part].repeat_interleave(b["lengths"]),
-                     "weights": torch.cat([torch.full((n,), 1 / (n * n_rollouts), device=device)
-                                           for n in b["lengths"].tolist()])}
-            with torch.no_grad(), opsd.autocast(device, dtype):
-                if args.ppo_epochs > 1:
-                    given["old_logp"] = rollout_logprobs(opsd.completion_hidden(model, b), opsd.lm_parts(model)[1],
-                                                         b["targets"], temperature, args.chunk_size, logprobs)
-                if args.kl_beta > 0:
-                    with model.disable_adapter():
-                        given["ref_logp"] = rollout_logprobs(opsd.completion_hidden(model, b), opsd.lm_parts(model)[1],
-                                                             b["targets"], temperature, args.chunk_size, logprobs)
-            fixed.append(given)
+        # tokens, then over rollouts. old_logp (E > 1) and ref_logp (kl_beta > 0) are fixed before any update, in
+        # eval mode (no dropout: the policy that sampled)
+        micro_batches = []
+        for start in range(0, n_rollouts, args.micro_batch_size):
+            part = slice(start, start + args.micro_batch_size)
+            b = opsd.build_batch(rollout_prompts[part], rollouts[part], tokenizer.pad_token_id, device)
+            b["advantages"] = advantages[part].repeat_interleave(b["lengths"])  # (N,)
+            b["weights"] = opsd.per_token_weights(b["lengths"], n_rollouts, device)  # (N,)
+            with torch.no_grad():
+                with plumbing.autocast(device, dtype):
+                    if args.ppo_epochs > 1:
+                        hidden = opsd.completion_hidden(model, b)
+                        b["old_logp"] = rollout_logprobs(hidden, head, b["targets"], temperature, args.chunk_size,
+                                                         logprobs_fn)
+                    if args.kl_beta > 0:
+                        with model.disable_adapter():
+                            hidden = opsd.completion_hidden(model, b)
+                            b["ref_logp"] = rollout_logprobs(hidden, head, b["targets"], temperature, args.chunk_size,
+                                                             logprobs_fn)
+            micro_batches.append(b)
         # 8. update: ppo_epochs optimizer steps on the same rollouts (the clip binds from the second on)
-        stats, losses, grad_norms = {"clipped": 0.0, "kl": 0.0}, [], []
+        clipped, kl, losses, grad_norms = 0.0, 0.0, [], []
         for _ in range(args.ppo_epochs):
             loss = 0.0
-            for b, given in zip(micro_batches, fixed):
-                with opsd.autocast(device, dtype):
-                    logp = rollout_logprobs(opsd.completion_hidden(model, b), opsd.lm_parts(model)[1], b["targets"],
-                                            temperature, args.chunk_size, logprobs)  # (N,), with grad
-                    out = grpo_token_loss(logp, given["advantages"], given.get("old_logp"), given.get("ref_logp"),
+            model.train()  # the policy pass: LoRA dropout and gradient checkpointing act here
+            for b in micro_batches:
+                with plumbing.autocast(device, dtype):
+                    hidden = opsd.completion_hidden(model, b)
+                    logp = rollout_logprobs(hidden, head, b["targets"], temperature, args.chunk_size,
+                                            logprobs_fn)  # (N,), with grad
+                    out = grpo_token_loss(logp, b["advantages"], b.get("old_logp"), b.get("ref_logp"),
                                           args.ppo_clip_eps, args.kl_beta)
-                    part_loss = (out["loss"] * given["weights"]).sum()
+                    part_loss = (out["loss"] * b["weights"]).sum()
                 part_loss.backward()
                 loss += part_loss.detach()
-                for k in ("clipped", "kl"):
-                    stats[k] += (out[k] * given["weights"]).sum().detach() / args.ppo_epochs if k in out else 0.0
-            loss = plumbing.gather({"loss": (loss, "mean")}, world, device)["loss"]
+                clipped += (out["clipped"] * b["weights"]).sum().detach() / args.ppo_epochs
+                if "kl" in out:
+                    kl += (out["kl"] * b["weights"]).sum().detach() / args.ppo_epochs
+            model.eval()
+            loss = plumbing.over_ranks(world, device, means={"loss": loss})["loss"]
             grad_norm, lr = opsd.update(params, optimizer, scheduler, args.max_grad_norm, world, step, loss)
-            losses, grad_norms = losses + [loss], grad_norms + [grad_norm]
+            losses.append(loss)
+            grad_norms.append(grad_norm)
+        clock.lap("update")
         # 9. log, eval, checkpoint
         generated = sum(len(r) for r in rollouts)
-        metrics = plumbing.gather({"generated": (generated, "sum"), "rollout_acc": (rewards.mean(), "mean"),
-                                   "zero_adv_groups": ((rewards == rewards[:, :1]).all(dim=1).float().mean(), "mean"),
-                                   "clip_frac": (stats["clipped"], "mean"), "kl": (stats["kl"], "mean")}, world, device)
+        all_same = (rewards == rewards[:, :1]).all(dim=1).float().mean()  # groups with no signal
+        means = {"rollout_acc": rewards.mean(), "zero_adv_groups": all_same, "clip_frac": clipped, "kl": kl}
+        metrics = plumbing.over_ranks(world, device, sums={"generated": generated}, means=means)
         generated_total += int(metrics["generated"])
-        elapsed, loss = time.perf_counter() - t0, sum(losses) / len(losses)
+        seconds = clock.total()
+        loss = sum(losses) / len(losses)
         grad_norm = sum(grad_norms) / len(grad_norms)
         # rollout_acc is the mean reward; generated_tokens(_total) are opsd.py's keys, for the token-budget comparison
-        record = {"step": step + 1, "loss": loss, **{k: metrics[k] for k in ("rollout_acc", "zero_adv_groups",
-                                                                            "clip_frac", "kl")},
+        record = {"step": step + 1, "loss": loss, "rollout_acc": metrics["rollout_acc"],
+                  "zero_adv_groups": metrics["zero_adv_groups"], "clip_frac": metrics["clip_frac"], "kl": metrics["kl"],
                   "rollout_len": metrics["generated"] / (args.batch_size * args.group_size),
                   "generated_tokens": int(metrics["generated"]), "generated_tokens_total": generated_total,
-                  "tokens_per_s": metrics["generated"] / elapsed, "lr": lr, "grad_norm": grad_norm,
-                  "time_sample": t_sample, "time_step": elapsed}
+                  "tokens_per_s": metrics["generated"] / seconds, "lr": lr, "grad_norm": grad_norm,
+                  "time_step": seconds, **{f"time_{stage}": value for stage, value in clock.seconds.items()}}
         surrogate = f"loss {loss:.4f} | " if args.ppo_epochs > 1 else ""  # with one epoch it is 0 by construction
-        run.log(record, f"step {step + 1}/{total_steps} | {surrogate}reward {record['rollout_acc']:.2f} | zero-adv "
-                        f"groups {record['zero_adv_groups']:.2f} | grad norm {grad_norm:.3f} | len "
-                        f"{record['rollout_len']:.0f} | {record['tokens_per_s']:.0f} tok/s | {elapsed:.1f}s")
+        run.log(record, f"step {step + 1}/{total_steps} | {surrogate}reward {record['rollout_acc']:.2f} | "
+                        f"zero-adv groups {record['zero_adv_groups']:.2f} | grad norm {grad_norm:.3f} | "
+                        f"len {record['rollout_len']:.0f} | {record['tokens_per_s']:.0f} tok/s | {seconds:.1f}s")
         if run.eval_due(step, total_steps):
             run.evaluate(step + 1, sampler, tokenizer, thinking=args.thinking,
-                         adapter=opsd.adapter_for(sampler, model, args.out_dir, rank, f"eval{step + 1}"))
+                         lora_request=opsd.adapter_for(sampler, model, args.out_dir, rank, f"eval{step + 1}"))
         if run.end_step(step, model, tokenizer, optimizer, scheduler, {"generated_tokens": generated_total}):
             break
     run.finish(sampler)

@@ -8,6 +8,7 @@ The run plumbing the scripts share: the part a reader can skip. No algorithm liv
   5. the run: Run ties 2-4 together; run_script makes a user error one line (exit 2), Ctrl-C a saved step (130).
 """
 import argparse
+import copy
 import errno
 import fcntl
 import fnmatch
@@ -21,6 +22,9 @@ import re
 import shutil
 import signal
 import sys
+import time
+from collections import defaultdict
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -53,6 +57,23 @@ positive_int, count = bounded(int, 1), bounded(int, 0)
 fraction, nonnegative = bounded(float, 0.0, 1.0), bounded(float, 0.0)
 positive_float, probability = bounded(float, 0.0, low_open=True), bounded(float, 0.0, 1.0, low_open=True)
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # every linear layer of a Qwen3 block
+
+
+def compute_dtype(name, device):
+    """--dtype auto: bf16 on CUDA (the paper's setting), fp32 on CPU (exact comparisons in tests)."""
+    if name == "bfloat16":
+        return torch.bfloat16
+    if name == "float32":
+        return torch.float32
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def autocast(device, dtype):
+    """Every forward pass runs in this: bf16 matmuls; the softmaxes and losses upcast to fp32 themselves."""
+    if dtype == torch.bfloat16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
 
 
 def model_options(parser, lora=True):
@@ -139,6 +160,7 @@ def parse_config(parser, argv=None, implied=None):
     if chosen.preset:
         parser.set_defaults(**parser.presets[chosen.preset])
     args = parser.parse_args(argv)
+    args._given = given_options(parser, argv)
     for option, values in (implied or {}).items():
         if getattr(args, option):
             vars(args).update(values)
@@ -153,6 +175,24 @@ def parse_config(parser, argv=None, implied=None):
         raise UserError("--lora-targets: lm_head cannot carry an adapter here (the loss multiplies by its base weight)")
     args._defaults = defaults
     return args
+
+
+def given_options(parser, argv):
+    """The options given on the command line (their dests), whatever their values: a preset's values and the
+    defaults are not the user's choice, so only these can be refused as doing nothing (refuse_inert)."""
+    explicit = copy.deepcopy(parser)
+    explicit._defaults = {}  # a preset's set_defaults
+    for action in explicit._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(explicit.parse_args(argv)))
+
+
+def refuse_inert(args, rules):
+    """rules: (option, inert, why) triples. An option given on the command line that cannot act in this combination
+    (inert) is an error naming it: a setting that silently does nothing is a wrong experiment."""
+    for option, inert, why in rules:
+        if inert and option in args._given:
+            raise UserError(f"--{option.replace('_', '-')} does nothing {why}")
 
 
 def check_model_path(path, option="--model"):
@@ -185,6 +225,11 @@ RUN_FILES = ("checkpoint-*", "best", "log.jsonl*", "rollouts*.jsonl*", "vllm_ada
 LEFTOVERS = ("log.jsonl*", "rollouts*.jsonl*", "checkpoint-*.tmp", "vllm_adapters")  # killed before its first save
 
 
+def not_matching(entries, patterns):
+    """The entries that match none of the glob patterns."""
+    return [e for e in entries if not any(fnmatch.fnmatch(e, pattern) for pattern in patterns)]
+
+
 def claim_out_dir(out_dir, continuing, overwrite, master=True):
     """Apply the rule above (every rank); on rank 0 lock out_dir for this process (the lock dies with it,
     kill -9 included) and carry out --overwrite. Returns the open lock file: the caller closes it when it ends."""
@@ -198,13 +243,14 @@ def claim_out_dir(out_dir, continuing, overwrite, master=True):
             lock.seek(0)
             raise UserError(f"--out-dir {out_dir}: another run is writing there (pid {lock.read().strip() or '?'})") \
                 from None
-    left = [e for e in sorted(os.listdir(out_dir)) if e != ".lock"] if os.path.isdir(out_dir) else []
-    matches = lambda patterns: all(any(fnmatch.fnmatch(e, p) for p in patterns) for e in left)  # noqa: E731
-    unfinished = left and not continuing and matches(LEFTOVERS)
+    left = []
+    if os.path.isdir(out_dir):
+        left = [entry for entry in sorted(os.listdir(out_dir)) if entry != ".lock"]
+    unfinished = left and not continuing and not not_matching(left, LEFTOVERS)
     if left and (overwrite or unfinished):
-        if not matches(RUN_FILES):
-            raise UserError(f"--overwrite: {out_dir} holds files no run of ours wrote "
-                            f"({', '.join(e for e in left if not any(fnmatch.fnmatch(e, p) for p in RUN_FILES))}); "
+        foreign = not_matching(left, RUN_FILES)
+        if foreign:
+            raise UserError(f"--overwrite: {out_dir} holds files no run of ours wrote ({', '.join(foreign)}); "
                             "clear it by hand or pick another --out-dir")
         for entry in left if master else []:
             path = os.path.join(out_dir, entry)
@@ -255,14 +301,45 @@ class JsonlFile:
             raise no_space(os.path.dirname(self.path), e) or e
 
 
-def gather(values, world, device):
-    """{name: (value, "sum" | "mean")} over ranks in one all-reduce and one host sync -> {name: float}."""
-    tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
-                          for v, _ in values.values()])
-    if world > 1:
-        dist.all_reduce(tensor)
-        tensor /= torch.tensor([world if how == "mean" else 1 for _, how in values.values()], device=device)
-    return dict(zip(values, tensor.tolist()))
+def over_ranks(world, device, sums=None, means=None, maxima=None):
+    """Each rank's numbers combined over the ranks: `sums` added up, `means` averaged, `maxima` the largest.
+    {name: number or 0-dim tensor} in, {name: float} out, with one host sync."""
+    groups = [(sums or {}, dist.ReduceOp.SUM, 1), (means or {}, dist.ReduceOp.SUM, world),
+              (maxima or {}, dist.ReduceOp.MAX, 1)]
+    combined = {}
+    for values, op, divisor in groups:
+        if not values:
+            continue
+        numbers = [torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values.values()]
+        tensor = torch.stack(numbers)
+        if world > 1:
+            dist.all_reduce(tensor, op=op)
+        combined.update(zip(values, (tensor / divisor).tolist()))
+    return combined
+
+
+class StageClock:
+    """Seconds spent in each stage of a step (`lap(stage)` ends one). On a GPU the clock is read after
+    torch.cuda.synchronize(): kernels run asynchronously, so without it a stage would be charged with the work
+    that the next one waits for."""
+
+    def __init__(self, device):
+        self.device = device
+        self.seconds = defaultdict(float)
+        self.start = self.last = self.now()
+
+    def now(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self, stage):
+        now = self.now()
+        self.seconds[stage] += now - self.last
+        self.last = now
+
+    def total(self):
+        return self.now() - self.start
 
 # -----------------------------------------------------------------------------
 # 4. checkpoints. The layout, in one place: OUT/checkpoint-NNNNNN/ holds the weights (a PEFT adapter,
@@ -336,10 +413,11 @@ def read_checkpoint(args, script):
     if saved["script"] != script:
         raise UserError(f"--resume {path}: written by {saved['script']}.py, not {script}.py")
     settings = saved["settings"]
-    # a setting an older version did not save counts as its default
-    saved_value = lambda k: settings.get(k, args._defaults.get(k))  # noqa: E731
-    changed = {k: (saved_value(k), v) for k, v in settings_of(args).items() if k not in RESUMABLE_CHANGES and
-               saved_value(k) != v}
+    changed = {}
+    for name, value in settings_of(args).items():
+        saved_value = settings.get(name, args._defaults.get(name))  # one an older version did not save: its default
+        if name not in RESUMABLE_CHANGES and saved_value != value:
+            changed[name] = (saved_value, value)
     if changed:
         raise UserError(f"--resume {path}: written with other settings: " + "; ".join(
             f"--{k.replace('_', '-')} was {old!r}, now {new!r}" for k, (old, new) in changed.items()))
@@ -473,15 +551,18 @@ class Run:
     def eval_due(self, step, total_steps):
         return self.args.eval_every > 0 and ((step + 1) % self.args.eval_every == 0 or step + 1 == total_steps)
 
-    def evaluate(self, step, sampler, tokenizer, *, thinking, adapter=None):
-        """The periodic eval: --eval-samples samples per --eval-data problem from the current weights (`adapter`:
-        where vLLM reads them), graded; logged as a record. A new best score makes this step's checkpoint `best`."""
+    def evaluate(self, step, sampler, tokenizer, *, thinking, lora_request=None):
+        """The periodic eval: --eval-samples samples per --eval-data problem from the current weights (lora_request:
+        the adapter for vLLM, opsd.adapter_for), graded; logged as a record. A new best score makes this step's
+        checkpoint `best`."""
         args, records = self.args, self.eval_records[self.rank::self.world]
         sampling = dict(max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens,
                         temperature=args.eval_temperature, top_p=1.0, top_k=0)
-        rows = graded_samples(tokenizer, records, sampler, args.eval_samples, sampling, thinking, args.seed, adapter)
-        totals = gather({"correct": (sum(r["correct"] for r in rows), "sum"), "samples": (len(rows), "sum"),
-                         "length": (sum(r["length"] for r in rows), "sum")}, self.world, self.device)
+        rows = graded_samples(tokenizer, records, sampler, args.eval_samples, sampling, thinking, args.seed,
+                              lora_request)
+        totals = over_ranks(self.world, self.device, sums={"correct": sum(r["correct"] for r in rows),
+                                                           "samples": len(rows),
+                                                           "length": sum(r["length"] for r in rows)})
         summary = {"avg": totals["correct"] / totals["samples"], "mean_length": totals["length"] / totals["samples"],
                    "problems": len(self.eval_records), "samples": int(totals["samples"])}
         if self.best is None or summary["avg"] > self.best["avg"]:
@@ -563,7 +644,7 @@ class Run:
             raise KeyboardInterrupt(f"stopped after step {self.last_saved}; continue with --resume {self.args.out_dir}")
 
 
-def graded_samples(tokenizer, records, sampler, n, sampling, thinking, seed, adapter=None, teacher_context=None):
+def graded_samples(tokenizer, records, sampler, n, sampling, thinking, seed, lora_request=None, teacher_context=None):
     """n samples per record in one sampler call, each graded against the record's answer (prompts.grade):
     per record, a list of rows {completion, extracted, correct, length}. A record's samples depend only on the
     seed and the record (request_seed), so a resumed evaluation samples what the uninterrupted one did."""
@@ -573,7 +654,7 @@ def graded_samples(tokenizer, records, sampler, n, sampling, thinking, seed, ada
         prompt_ids = [prompts.teacher_prompt_ids(tokenizer, r, thinking, teacher_context) for r in records]
     seeds = [request_seed(seed, r.get("benchmark", "data"), r["id"]) for r in records]
     rows = []
-    for record, samples in zip(records, sampler.generate(prompt_ids, n, sampling, seeds, adapter)):
+    for record, samples in zip(records, sampler.generate(prompt_ids, n, sampling, seeds, lora_request)):
         for sample in samples:
             # the whole completion, thinking included, is graded: the answer is its last box
             text = tokenizer.decode(sample.ids, skip_special_tokens=True)
@@ -602,15 +683,28 @@ class StopRequest:
 STOP = StopRequest()
 
 
+class NonFinite(FloatingPointError):
+    """A loss, gradient or weight that went nan or inf: the run stops before (or right after) the update that would
+    spread it, its finished checkpoints intact. One line and exit status 3: a divergence, not a bug."""
+
+
 def run_script(main):
     """The __main__ of every script: a user error (bad option, file, record or checkpoint, a full disk) is one line
-    on stderr and exit status 2; Ctrl-C is one line and 130. Anything else is a bug and keeps its traceback."""
+    on stderr and exit status 2; a run that went non-finite one line and 3; Ctrl-C one line and 130. Anything else
+    is a bug and keeps its traceback."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, STOP.handle)
     try:
         main(sys.argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except NonFinite as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
+    except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler for inductor on a CPU machine
+        print(f"error: torch.compile failed here ({str(e).splitlines()[0][:200]}); run with --no-compile",
+              file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt as e:
         print(f"interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr, flush=True)

@@ -19,7 +19,6 @@ Run:
   torchrun --standalone --nproc_per_node 8 sft.py
 """
 import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 import opsd
 import plumbing
 import prompts
+import samplers
 
 # -----------------------------------------------------------------------------
 # 1. config: the shared option groups (plumbing), then SFT's own
@@ -72,7 +72,9 @@ def sft_loss(model, examples, device, pad_id, chunk_size, normalizer, nll_fn=tok
     """Sum over the examples' target tokens of their NLL / normalizer, in one padded batch; `nll_fn`: token_nll or its
     compiled form."""
     batch = opsd.build_batch([p for p, _ in examples], [t for _, t in examples], pad_id, device)
-    hidden, head, targets = opsd.completion_hidden(model, batch), opsd.lm_parts(model)[1], batch["targets"]
+    hidden = opsd.completion_hidden(model, batch)  # (N, H)
+    head = opsd.lm_parts(model)[1]
+    targets = batch["targets"]
     nll = torch.cat([checkpoint(nll_fn, hidden[i:i + chunk_size], head, targets[i:i + chunk_size], use_reentrant=False)
                      for i in range(0, len(targets), chunk_size)])  # (N,)
     return nll.sum() / normalizer
@@ -88,7 +90,7 @@ def main(argv=None):
         raise prompts.UserError("--stop-at-eval-avg needs --eval-every (and --eval-data): it stops at a periodic eval")
     # 2. torchrun
     rank, world, device = opsd.init_distributed()
-    dtype = opsd.compute_dtype(args.dtype, device)
+    dtype = plumbing.compute_dtype(args.dtype, device)
     # 3. data: problems with a reference solution, tokenized once
     records = prompts.load_records(args.data, args.split, require=("problem", "solution"), limit=args.max_problems)
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(records) / args.batch_size))
@@ -102,44 +104,49 @@ def main(argv=None):
     optimizer, scheduler = opsd.make_optimizer(args, params, total_steps)
     state = run.restore(model, optimizer, scheduler, total_steps)
     trained_total = state.get("trained_tokens", 0)
-    # 5. a sampler only for --eval-every
-    sampler = opsd.make_sampler(args.sampler, model, tokenizer, args.model, device, dtype,
-                                None if args.full_finetune else args.lora_r, args.seed, args.vllm_gpu_memory, world,
-                                args.vllm_sleep) if args.eval_every else None
-    per_rank, nll_fn = args.batch_size // world, opsd.compiled(token_nll, args.compile)
+    # 5. a sampler only for --eval-every, and the token NLL (compiled)
+    sampler = None
+    if args.eval_every:
+        lora_rank = None if args.full_finetune else args.lora_r
+        sampler = samplers.make_sampler(args.sampler, model, tokenizer, args.model, device, dtype, lora_rank,
+                                        args.seed, args.vllm_gpu_memory, world, args.vllm_sleep)
+    nll_fn = torch.compile(token_nll) if args.compile else token_nll
+    per_rank = args.batch_size // world
     run.print(f"{len(examples)} examples | {total_steps} steps x {args.batch_size} ({world} ranks x {per_rank}, "
               f"micro-batch {args.micro_batch_size}) | {sum(p.numel() for p in params):,} trainable parameters")
     record = {}
     for step in range(run.start_step, total_steps):
-        t0 = time.perf_counter()
+        clock = plumbing.StageClock(device)
         # 6. this rank's examples, grouped by length so micro-batches carry little padding
-        batch = [examples[i] for i in opsd.batch_indices(len(examples), step, args.batch_size, args.seed, rank, world)]
-        batch.sort(key=lambda e: len(e[0]) + len(e[1]))
-        n_tokens = sum(len(t) for _, t in batch)
+        indices = opsd.batch_indices(len(examples), step, args.batch_size, args.seed, rank, world)
+        batch = sorted((examples[i] for i in indices), key=lambda e: len(e[0]) + len(e[1]))
+        n_tokens = sum(len(target) for _, target in batch)
         # 7. loss and backward, micro-batch by micro-batch: the mean over this rank's target tokens
         loss = 0.0
+        model.train()  # LoRA dropout and gradient checkpointing act in train mode only
         for start in range(0, per_rank, args.micro_batch_size):
-            with opsd.autocast(device, dtype):
+            with plumbing.autocast(device, dtype):
                 part_loss = sft_loss(model, batch[start:start + args.micro_batch_size], device, tokenizer.pad_token_id,
                                      args.chunk_size, n_tokens, nll_fn)
             part_loss.backward()
             loss += part_loss.detach()
+        model.eval()
         # 8. update
-        loss = plumbing.gather({"loss": (loss, "mean")}, world, device)["loss"]
+        loss = plumbing.over_ranks(world, device, means={"loss": loss})["loss"]
         grad_norm, lr = opsd.update(params, optimizer, scheduler, args.max_grad_norm, world, step, loss)
         # 9. log, eval, checkpoint
-        trained = int(plumbing.gather({"tokens": (n_tokens, "sum")}, world, device)["tokens"])
+        trained = int(plumbing.over_ranks(world, device, sums={"tokens": n_tokens})["tokens"])
         trained_total += trained
-        elapsed = time.perf_counter() - t0
+        seconds = clock.total()
         record = {"step": step + 1, "loss": loss, "trained_tokens": trained, "trained_tokens_total": trained_total,
-                  "generated_tokens_total": 0, "tokens_per_s": trained / elapsed, "lr": lr, "grad_norm": grad_norm,
-                  "time_step": elapsed}
+                  "generated_tokens_total": 0, "tokens_per_s": trained / seconds, "lr": lr, "grad_norm": grad_norm,
+                  "time_step": seconds}
         run.log(record, f"step {step + 1}/{total_steps} | loss {loss:.4f} | {trained} tokens | "
-                        f"{record['tokens_per_s']:.0f} tok/s | {elapsed:.2f}s | lr {lr:.2e}")
+                        f"{record['tokens_per_s']:.0f} tok/s | {seconds:.2f}s | lr {lr:.2e}")
         reached = False
         if run.eval_due(step, total_steps):
-            summary = run.evaluate(step + 1, sampler, tokenizer, thinking=args.thinking,
-                                   adapter=opsd.adapter_for(sampler, model, args.out_dir, rank, f"eval{step + 1}"))
+            lora_request = opsd.adapter_for(sampler, model, args.out_dir, rank, f"eval{step + 1}")
+            summary = run.evaluate(step + 1, sampler, tokenizer, thinking=args.thinking, lora_request=lora_request)
             reached = args.stop_at_eval_avg is not None and summary["avg"] >= args.stop_at_eval_avg
         if run.end_step(step, model, tokenizer, optimizer, scheduler, {"trained_tokens": trained_total}, stop=reached):
             break

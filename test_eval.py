@@ -11,6 +11,7 @@ import eval as evaluate
 import opsd
 import plumbing
 import prompts
+import samplers
 import sft
 import toy
 
@@ -153,12 +154,12 @@ def test_resume_samples_only_the_missing_problems_and_gives_the_same_summary(tin
         f.writelines(lines[:5])
         f.write(lines[5][:20])
     asked = []
-    generate = opsd.HFSampler.generate
+    generate = samplers.HFSampler.generate
 
     def spy(self, prompt_ids, *args, **kwargs):
         asked.extend(prompt_ids)
         return generate(self, prompt_ids, *args, **kwargs)
-    monkeypatch.setattr(opsd.HFSampler, "generate", spy)
+    monkeypatch.setattr(samplers.HFSampler, "generate", spy)
     resumed = evaluate.main(cli(tiny, stopped, "--resume", temperature=temperature))
     records = prompts.load_records(tiny["data"])
     assert asked == [prompts.student_prompt_ids(tiny["tokenizer"], r["problem"], False) for r in records[2:]]
@@ -184,8 +185,8 @@ def test_a_used_out_dir_is_refused_unless_overwrite_or_resume(tiny, tmp_path):
 
 def test_teacher_prompts_include_the_reference(tiny, tmp_path, monkeypatch):
     asked = []
-    monkeypatch.setattr(opsd.HFSampler, "generate", lambda self, ids, n, *a, **k: asked.extend(ids) or
-                        [[opsd.Sample([1], None)] * n for _ in ids])
+    monkeypatch.setattr(samplers.HFSampler, "generate", lambda self, ids, n, *a, **k: asked.extend(ids) or
+                        [[samplers.Sample([1], None)] * n for _ in ids])
     evaluate.main(cli(tiny, tmp_path, "--teacher-context", "solution"))
     record = prompts.load_records(tiny["data"])[0]
     assert asked[0] == prompts.teacher_prompt_ids(tiny["tokenizer"], record, False, "solution")
@@ -233,7 +234,7 @@ class FakeSampler:
             text = self.tokenizer.decode(ids)
             a, b = map(int, text.split("What is ")[1].split("?")[0].split("*"))
             answers = [a * b + (s if len(ids) % 2 else 0) for s in range(n)]
-            out.append([opsd.Sample(self.tokenizer(f"\\boxed{{{x}}}")["input_ids"], None) for x in answers])
+            out.append([samplers.Sample(self.tokenizer(f"\\boxed{{{x}}}")["input_ids"], None) for x in answers])
         return out
 
 
@@ -309,8 +310,8 @@ def test_checkpoints_of_a_run_each_get_a_summary_and_the_curve_resumably(tiny, t
     assert completions[1] != completions[3]  # each checkpoint's own adapter was used
     os.remove(out / "checkpoint-000002" / "summary.json")
     asked = []
-    generate = opsd.HFSampler.generate
-    monkeypatch.setattr(opsd.HFSampler, "generate", lambda self, ids, *a, **k: asked.append(len(ids)) or
+    generate = samplers.HFSampler.generate
+    monkeypatch.setattr(samplers.HFSampler, "generate", lambda self, ids, *a, **k: asked.append(len(ids)) or
                         generate(self, ids, *a, **k))
     again = evaluate.main(cli(tiny, out, "--checkpoints", str(run), "--resume"))
     # checkpoint 2's samples were all there: none sampled again
@@ -328,8 +329,8 @@ def test_the_out_dir_lock_is_released_when_eval_returns(tiny, tmp_path, monkeypa
 
 def test_every_sampling_option_reaches_the_sampler(tiny, tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(opsd.HFSampler, "generate", lambda self, ids, n, sampling, *a, **k: seen.append(sampling) or
-                        [[opsd.Sample([1], None)] * n for _ in ids])
+    monkeypatch.setattr(samplers.HFSampler, "generate", lambda self, ids, n, sampling, *a, **k: seen.append(sampling) or
+                        [[samplers.Sample([1], None)] * n for _ in ids])
     evaluate.main(cli(tiny, tmp_path, "--sampling-top-k", "7", "--top-p", "0.8", temperature="0.7"))
     assert seen[0] == {"max_new_tokens": 12, "temperature": 0.7, "top_p": 0.8, "top_k": 7}
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import grpo
 import opsd
 import prompts
+import samplers
 import toy
 
 
@@ -127,7 +128,7 @@ def test_chunked_log_probs_equal_the_full_ones_and_their_gradient():
 
 def test_reward_is_prompts_grade_on_decoded_rollouts(world, tmp_path, monkeypatch):
     grade_calls, sampled = [], []
-    real_grade, real_generate = prompts.grade, opsd.HFSampler.generate
+    real_grade, real_generate = prompts.grade, samplers.HFSampler.generate
 
     def recording_grade(completion, gold, timeout=5.0):
         real_grade(completion, gold, timeout)  # the real grader accepts what it is given
@@ -139,7 +140,7 @@ def test_reward_is_prompts_grade_on_decoded_rollouts(world, tmp_path, monkeypatc
         sampled.extend(s.ids for group in groups for s in group)
         return groups
     monkeypatch.setattr(prompts, "grade", recording_grade)
-    monkeypatch.setattr(opsd.HFSampler, "generate", recording_generate)
+    monkeypatch.setattr(samplers.HFSampler, "generate", recording_generate)
     summary = grpo.main(run_args(world, tmp_path, "--max-steps", "1"))
     tokenizer = world["tokenizer"]
     records = prompts.load_records(world["data"])
@@ -231,9 +232,12 @@ def test_a_bf16_step_matches_the_fp32_step(world, tmp_path, monkeypatch):
     """The same rollouts and rewards scored in bf16 and in fp32 (test_opsd.py gives the tolerance's reasoning): the
     gradient's direction within cos 0.99 (the loss is 0 by construction), the adapter fp32."""
     monkeypatch.setattr(prompts, "grade", parity_reward)
-    monkeypatch.setattr(opsd.HFSampler, "generate", lambda self, prompt_ids, n, sampling, seeds, adapter=None: [
-        [opsd.Sample(torch.randint(3, 300, (5 + j,), generator=torch.Generator().manual_seed(s + j)).tolist(), None)
-         for j in range(n)] for s in seeds])
+
+    def fixed_rollouts(self, prompt_ids, n, sampling, seeds, lora_request=None):
+        def ids(seed, length):
+            return torch.randint(3, 300, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+        return [[samplers.Sample(ids(s + j, 5 + j), None) for j in range(n)] for s in seeds]
+    monkeypatch.setattr(samplers.HFSampler, "generate", fixed_rollouts)
     grads, real = {}, opsd.update
 
     def update(params, *args, **kwargs):

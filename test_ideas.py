@@ -64,9 +64,11 @@ def test_geometric_mixture_at_w_1_has_the_reverse_kl_gradient(tmp_path):
     student, teacher = (torch.randn(9, 40, generator=generator, dtype=torch.float64) for _ in range(2))
     targets = torch.randint(40, (9,), generator=generator)
 
-    def gradient(module, **options):
+    def gradient(module, **changes):
+        options = module.get_parser().parse_args(["--temperature", "1.1"])
+        vars(options).update(changes)
         logits = student.clone().requires_grad_()
-        module.opsd_token_loss(logits, teacher, targets, temperature=1.1, **options)["loss"].sum().backward()
+        module.opsd_token_loss(logits, teacher, targets, options)["loss"].sum().backward()
         return logits.grad
     reverse_kl = gradient(opsd, beta=1.0)
     torch.testing.assert_close(gradient(idea, mixture_weight=1.0), reverse_kl, atol=1e-12, rtol=0)

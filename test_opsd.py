@@ -4,6 +4,7 @@ resume, the step's diagnostics and rollouts file, bf16, and the command line. CP
 
   python -m pytest -q test_opsd.py
 """
+import glob
 import json
 import math
 import os
@@ -15,10 +16,12 @@ from contextlib import nullcontext
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 import opsd
 import plumbing
 import prompts
+import samplers
 import toy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,8 +50,20 @@ TEMPERATURE = 1.1  # opsd.py's default: not 1, so the scaling of both logits is 
 LORA = dict(r=8, lora_alpha=16, target_modules=plumbing.LORA_TARGETS.split(","))  # every linear layer
 
 
-def token_loss(temperature=TEMPERATURE, **options):
-    return lambda s, t, y: opsd.opsd_token_loss(s, t, y, temperature=temperature, **options)
+def loss_options(temperature=TEMPERATURE, **changes):
+    """The run's options as opsd_token_loss and the chunk loop read them: opsd.py's defaults, with these changes."""
+    args = opsd.get_parser().parse_args([])
+    vars(args).update(temperature=temperature, **changes)
+    return args
+
+
+LOSS_GRAD = opsd.loss_and_gradient(opsd.opsd_token_loss, compile=False)  # what the chunk loop calls, eager
+
+
+def token_loss(temperature=TEMPERATURE, **changes):
+    """opsd_token_loss with the options fixed: f(student_logits, teacher_logits, targets)."""
+    args = loss_options(temperature, **changes)
+    return lambda s, t, y: opsd.opsd_token_loss(s, t, y, args)
 
 
 def trainable(model):
@@ -112,24 +127,24 @@ def test_chunked_jsd_matches_float64_reference(beta, weight_grad):
     loss64 = (divergence64 * problem["token_weights"].double()).sum()
     loss64.backward()
     assert loss64.item() > 1e-2  # not a trivially-zero case
-    loss_grad = opsd.loss_and_gradient(token_loss(beta=beta), compile=False)
     for chunk_size in [1, 5, 16, 37, 64]:  # 5 and 16 leave a ragged last chunk; 64 > N
         hidden = problem["student_hidden"].clone().requires_grad_()
         weight = problem["weight"].clone().requires_grad_(weight_grad)
-        # the teacher's head is a separate tensor without grad, as in opsd.main
+        options = loss_options(beta=beta, chunk_size=chunk_size)
+        # the teacher's head a separate tensor without grad (a full fine-tune's fixed teacher, an external teacher)
         loss, out = opsd.chunked_loss_backward(hidden, problem["teacher_hidden"], weight, problem["weight"].clone(),
-                                               problem["targets"], problem["token_weights"], loss_grad, chunk_size)
+                                               problem["targets"], problem["token_weights"], LOSS_GRAD, options)
         assert abs(loss.item() - loss64.item()) < 1e-5, chunk_size
         assert abs((out["divergence"] * problem["token_weights"]).sum().item() - loss64.item()) < 1e-5, chunk_size
         assert (hidden.grad.double() - hidden64.grad).abs().max().item() < 1e-5, chunk_size
         if weight_grad:
             assert (weight.grad.double() - weight64.grad).abs().max().item() < 1e-5, chunk_size
-        else:  # LoRA: the teacher's head is the student's, and both logits come from one GEMM into a reused buffer
+        else:  # LoRA: one head for both, and both logits come from one GEMM into a reused buffer
             assert weight.grad is None
             stacked = problem["student_hidden"].clone().requires_grad_()
-            again, _ = opsd.chunked_loss_backward(stacked, problem["teacher_hidden"], weight, None, problem["targets"],
-                                                  problem["token_weights"], loss_grad, chunk_size)
-            assert abs(again.item() - loss64.item()) < 1e-5, chunk_size  # (other GEMM shapes: not bit for bit)
+            again, _ = opsd.chunked_loss_backward(stacked, problem["teacher_hidden"], weight, weight,
+                                                  problem["targets"], problem["token_weights"], LOSS_GRAD, options)
+            assert abs(again.item() - loss64.item()) < 1e-5, chunk_size
             assert (stacked.grad.double() - hidden64.grad).abs().max().item() < 1e-5, chunk_size
 
 
@@ -152,28 +167,34 @@ def test_the_chunk_loop_backpropagates_through_the_model_as_the_full_loss_does(w
     naive.backward()
     expected = [p.grad.clone() for p in trainable(model)]
     model.zero_grad()
-    loss_grad = opsd.loss_and_gradient(token_loss(beta=0.5, temperature=1.0), compile=False)
     loss, _ = opsd.chunked_loss_backward(opsd.completion_hidden(model, batch), teacher_hidden, head, head.detach(),
-                                         batch["targets"], weights, loss_grad, chunk_size=4)
+                                         batch["targets"], weights, LOSS_GRAD,
+                                         loss_options(beta=0.5, temperature=1.0, chunk_size=4))
     assert abs(loss.item() - naive.item()) < 1e-12
     assert max((p.grad - g).abs().max().item() for p, g in zip(trainable(model), expected)) < 1e-12
     assert max(g.abs().max().item() for g in expected) > 1e-4
 
 
 def test_compiled_loss_equals_eager_within_1e_6_relative():
-    """torch.compile of the per-token loss and its gradient (fused passes over the chunk's logits): the same values and
-    gradients as eager in fp32, within 1e-6 relative (the 2-norm of the difference over the 2-norm of eager's: an
-    element-wise ratio is meaningless where a gradient entry is ~0), for the JSD, with the entry clip, and for the
-    sampled-token loss with vOPD."""
+    """torch.compile of the per-token loss and its gradient (one fused pass over the chunk's logits), run by the chunk
+    loop as opsd.main runs it: the same values and gradients as eager in fp32, within 1e-6 relative (the 2-norm of the
+    difference over the 2-norm of eager's: an element-wise ratio is meaningless where a gradient entry is ~0), for
+    the JSD, with the entry clip, and for the sampled-token loss with vOPD. Chunks of 10 over 24 positions leave a
+    ragged last chunk (a second compile)."""
     problem = loss_problem(n=24, hidden=32, vocab=300, seed=13)
-    student, teacher = problem["student_hidden"] @ problem["weight"].T, problem["teacher_hidden"] @ problem["weight"].T
+    compiled = opsd.loss_and_gradient(opsd.opsd_token_loss, compile=True)
     for options in [dict(beta=0.5), dict(beta=0.0, entry_clip=0.05), dict(loss="sampled", baseline="vopd")]:
-        results = [opsd.loss_and_gradient(token_loss(**dict(options)), compile=c)(student, teacher, problem["targets"],
-                                                                                 problem["token_weights"])
-                   for c in (False, True)]
-        (eager_grad, (eager_loss, eager_out)), (grad, (loss, out)) = results
+        results = []
+        for loss_grad in (LOSS_GRAD, compiled):
+            hidden = problem["student_hidden"].clone().requires_grad_()
+            loss, out = opsd.chunked_loss_backward(hidden, problem["teacher_hidden"], problem["weight"],
+                                                   problem["weight"], problem["targets"], problem["token_weights"],
+                                                   loss_grad, loss_options(chunk_size=10, **options))
+            results.append((hidden.grad, loss, out))
+        (eager_grad, eager_loss, eager_out), (grad, loss, out) = results
         assert abs(loss.item() - eager_loss.item()) <= 1e-6 * abs(eager_loss.item()), options
         assert (grad - eager_grad).norm() <= 1e-6 * eager_grad.norm(), options  # relative, in the 2-norm
+        assert eager_out.keys() == out.keys()
         for key in eager_out:
             assert (out[key] - eager_out[key]).norm() <= 1e-6 * eager_out[key].norm(), (options, key)
 
@@ -274,31 +295,46 @@ def test_top_k_restricts_to_teacher_top_k_renormalised():
     assert (full["loss"] - out["loss"].detach()).abs().max() > 1e-3  # top-k really changed something
 
 
+def clipped_jsd(logp_student, logp_teacher, beta, entry_clip):
+    """The entry clip written out: each vocabulary entry's JSD_beta term capped, then summed."""
+    return opsd.jsd_terms(logp_student, logp_teacher, beta).clamp(max=entry_clip).sum(-1)
+
+
 def test_entry_clip_caps_each_vocabulary_term_and_can_push_the_teachers_favourite_down():
     """The official --jsd_token_clip, on 4 tokens: the teacher prefers token 0 (0.7 against the student's 0.1), so its
     forward-KL term 0.7 ln 7 = 1.36 is capped at 0.05. Its gradient then comes only through the softmax normaliser,
     and gradient descent *lowers* the token the teacher prefers; the loss itself is negative."""
-    p_teacher = torch.tensor([0.7, 0.1, 0.1, 0.1], dtype=torch.float64)
-    p_student = torch.tensor([0.1, 0.3, 0.3, 0.3], dtype=torch.float64)
+    p_teacher = torch.tensor([[0.7, 0.1, 0.1, 0.1]], dtype=torch.float64)
+    p_student = torch.tensor([[0.1, 0.3, 0.3, 0.3]], dtype=torch.float64)
     student_logits = p_student.log().requires_grad_()
-    clipped = opsd.generalized_jsd(student_logits.log_softmax(-1), p_teacher.log(), 0.0, entry_clip=0.05)
-    clipped.backward()
+    clipped = opsd.opsd_token_loss(student_logits, p_teacher.log(), torch.tensor([0]),
+                                   loss_options(temperature=1.0, beta=0.0, entry_clip=0.05))["loss"]
+    clipped.sum().backward()
     terms = p_teacher * (p_teacher.log() - p_student.log())  # [1.36, -0.11, -0.11, -0.11]
-    assert clipped.item() == pytest.approx(0.05 + terms[1:].sum().item(), abs=1e-12) and clipped.item() < 0
+    assert clipped.item() == pytest.approx(0.05 + terms[0, 1:].sum().item(), abs=1e-12) and clipped.item() < 0
     # d/dz_0 of the unclipped terms alone: p_S(0) * sum_{u unclipped} p_T(u) = 0.1 * 0.3, positive: z_0 goes down
-    assert student_logits.grad[0].item() == pytest.approx(0.1 * 0.3, abs=1e-12)
+    assert student_logits.grad[0, 0].item() == pytest.approx(0.1 * 0.3, abs=1e-12)
     free = p_student.log().requires_grad_()
-    opsd.generalized_jsd(free.log_softmax(-1), p_teacher.log(), 0.0).backward()
-    assert free.grad[0].item() == pytest.approx(0.1 - 0.7, abs=1e-12)  # without the clip: p_S - p_T < 0, z_0 goes up
-    # the loss's --entry-clip path is this function, and the step log's share of clipped entries counts the cap
-    problem = loss_problem(n=6, seed=9)
-    student_logits, teacher_logits = logits_of(problem)
-    out = token_loss(beta=0.0, entry_clip=0.05)(student_logits, teacher_logits, problem["targets"])
-    logp = lambda x: (x / TEMPERATURE).log_softmax(-1)  # noqa: E731
-    torch.testing.assert_close(out["loss"], opsd.generalized_jsd(logp(student_logits), logp(teacher_logits), 0.0, 0.05))
-    terms = logp(teacher_logits).exp() * (logp(teacher_logits) - logp(student_logits))
+    opsd.generalized_jsd(free.log_softmax(-1), p_teacher.log(), 0.0).sum().backward()
+    assert free.grad[0, 0].item() == pytest.approx(0.1 - 0.7, abs=1e-12)  # without the clip: p_S - p_T < 0, z_0 up
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_the_share_of_clipped_entries_counts_the_terms_the_clip_caps(beta):
+    """entry_clipped is the share of vocabulary entries whose JSD_beta term is over the cap: the entries the loss
+    capped, whatever beta (at beta 0.5 the forward-KL terms cross the cap far more often than the JSD's do)."""
+    problem = loss_problem(n=64, vocab=50, seed=9)
+    student_logits, teacher_logits = (x * 3 for x in logits_of(problem))
+    out = token_loss(beta=beta, entry_clip=0.05)(student_logits, teacher_logits, problem["targets"])
+    logp_student = (student_logits / TEMPERATURE).log_softmax(-1)
+    logp_teacher = (teacher_logits / TEMPERATURE).log_softmax(-1)
+    terms = opsd.jsd_terms(logp_student, logp_teacher, beta)
+    torch.testing.assert_close(out["loss"], clipped_jsd(logp_student, logp_teacher, beta, 0.05))
     torch.testing.assert_close(out["entry_clipped"], (terms > 0.05).float().mean(-1))
     assert 0 < out["entry_clipped"].mean() < 1
+    if beta == 0.5:
+        forward_kl_terms = opsd.jsd_terms(logp_student, logp_teacher, 0.0)
+        assert (forward_kl_terms > 0.05).float().mean() > 1.5 * out["entry_clipped"].mean()
 
 
 def test_vopd_baseline_leaves_the_expected_gradient_unchanged():
@@ -408,7 +444,7 @@ def test_padded_batch_scores_equal_unpadded(world):
 def hf_sampler(world, model=None):
     model = model or opsd.load_model(world["model"], CPU)[0].eval()
     stop_ids = prompts.stop_token_ids(world["tokenizer"], world["model"])
-    return opsd.HFSampler(model, world["tokenizer"], stop_ids, batch_size=4)
+    return samplers.HFSampler(model, world["tokenizer"], stop_ids, batch_size=4)
 
 
 def test_hf_samples_depend_only_on_their_seed_not_on_the_batch(world):
@@ -430,7 +466,7 @@ def test_hf_samples_depend_only_on_their_seed_not_on_the_batch(world):
 def test_hf_seeded_sampling_draws_from_the_warped_distribution(world):
     """The first token's frequency over 4,000 seeds against softmax(logits / T) restricted to the top-k, exactly."""
     model = opsd.load_model(world["model"], CPU)[0].eval()
-    sampler = opsd.HFSampler(model, world["tokenizer"], [10**6], batch_size=1000)  # no stop: every row runs
+    sampler = samplers.HFSampler(model, world["tokenizer"], [10**6], batch_size=1000)  # no stop: every row runs
     prompt = prompts.student_prompt_ids(world["tokenizer"], "What is 123*4?")
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([prompt])).logits[0, -1] / 0.7
@@ -455,7 +491,7 @@ def test_fixed_teacher_is_bit_identical_after_training(world, tmp_path, monkeypa
     ids = torch.tensor([prompts.student_prompt_ids(world["tokenizer"], "What is 123*4?")])
     model.eval()
     with torch.no_grad():
-        with opsd.as_teacher(model, "fixed", None):  # the loop's own way to get the teacher
+        with opsd.teacher_weights(model, "fixed", None):  # the loop's own way to get the teacher
             teacher_logits = model(input_ids=ids).logits
         student_logits = model(input_ids=ids).logits
         initial_logits = initial(input_ids=ids).logits
@@ -483,12 +519,12 @@ def test_teacher_modes_live_ema_and_full_finetune_swap_in_and_back(world):
         student = logits()
         with model.disable_adapter():
             base = logits()
-        with opsd.as_teacher(model, "live", None):
+        with opsd.teacher_weights(model, "live", None):
             live = logits()
         # EMA: the copy's weights are used inside the context, and the trained ones are back, exactly, after
         ema_copy = [torch.zeros_like(p) for p in params]  # zero LoRA weights = the base model
         before = [p.detach().clone() for p in params]
-        with opsd.as_teacher(model, "ema", ema_copy):
+        with opsd.teacher_weights(model, "ema", ema_copy):
             ema = logits()
         after = [p.detach().clone() for p in params]
     assert torch.equal(live, student) and not torch.allclose(student, base)
@@ -503,7 +539,7 @@ def test_teacher_modes_live_ema_and_full_finetune_swap_in_and_back(world):
         initial_logits = full(input_ids=ids).logits
         for p in trainable(full):
             p.add_(0.1)
-        with opsd.as_teacher(full, "fixed", initial):
+        with opsd.teacher_weights(full, "fixed", initial):
             teacher_logits = full(input_ids=ids).logits
     assert torch.equal(teacher_logits, initial_logits)
 
@@ -525,6 +561,71 @@ def test_the_ema_teacher_moves_by_one_minus_decay_per_step(world, tmp_path, monk
         torch.testing.assert_close(c2, 0.75 * c1 + 0.25 * p, atol=1e-7, rtol=0)
     moved = [not torch.equal(a, b) for a, b in zip(states[0]["teacher_copy"], copy)]
     assert any(moved)
+    # under LoRA the copy averages A and B apart (the help says so): the teacher's weight change is EMA(B) EMA(A),
+    # which is not the EMA of the products B A
+    names = [n for n, p in captured["model"].named_parameters() if p.requires_grad]
+    a = next(i for i, n in enumerate(names) if "lora_A" in n)
+    b = names.index(names[a].replace("lora_A", "lora_B"))
+    c0, c1, c2 = copy, states[0]["teacher_copy"], states[1]["teacher_copy"]
+    p1 = [(c - 0.75 * i) / 0.25 for c, i in zip(c1, c0)]  # the weights after step 1, from copy1 = 0.75 c0 + 0.25 p1
+    ema_of_products = 0.75 * (0.75 * c0[b] @ c0[a] + 0.25 * p1[b] @ p1[a]) + 0.25 * p2[b] @ p2[a]
+    product_of_emas = c2[b] @ c2[a]
+    assert (product_of_emas - ema_of_products).abs().max() > 1e-4 * ema_of_products.abs().max()
+
+def modes_during_passes(monkeypatch):
+    """Patch opsd.completion_hidden to record, for each pass: (gradient on?, any LoRA dropout in training mode?)."""
+    seen, real = [], opsd.completion_hidden
+
+    def spy(model, batch):
+        dropout = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+        seen.append((torch.is_grad_enabled(), any(m.training for m in dropout)))
+        return real(model, batch)
+    monkeypatch.setattr(opsd, "completion_hidden", spy)
+    return seen
+
+
+@pytest.mark.parametrize("teacher", ["live", "ema"])
+def test_the_teacher_pass_has_no_dropout_and_the_student_pass_has(world, tmp_path, monkeypatch, teacher):
+    """With --lora-dropout, the teacher's weights include the adapter (live, EMA): its pass runs in eval mode (no
+    dropout, a deterministic teacher) and the student's in train mode (the dropout the option asks for)."""
+    seen = modes_during_passes(monkeypatch)
+    opsd.main(run_args(world, tmp_path, "--max-steps", "2", "--lora-dropout", "0.5", "--teacher-weights", teacher))
+    teacher_passes = [dropout for grad, dropout in seen if not grad]
+    student_passes = [dropout for grad, dropout in seen if grad]
+    assert len(teacher_passes) == len(student_passes) == 4  # 2 steps x 2 micro-batches
+    assert not any(teacher_passes) and all(student_passes)
+
+
+@pytest.mark.parametrize("weights", [[], ["--full-finetune", "--lr", "1e-4"]], ids=["lora", "full_finetune"])
+def test_gradient_checkpointing_recomputes_the_student_pass_and_gives_the_same_gradient(world, tmp_path, weights):
+    """--grad-checkpointing acts: transformers checkpoints in train mode only, so the student pass must run in it
+    (from_pretrained returns eval mode). Each decoder layer then runs forward twice per student pass (once more in
+    the backward), and the update is the same."""
+    calls = {"count": 0}
+
+    def count(module, inputs):  # a pre-hook: the recompute stops early, before a forward hook would run
+        calls["count"] += 1
+    counts, trained = {}, {}
+    for flag in ([], ["--grad-checkpointing"]):
+        real = opsd.load_model
+
+        def load_and_hook(*args, **kwargs):
+            model, tokenizer = real(*args, **kwargs)
+            opsd.lm_parts(model)[0].layers[0].register_forward_pre_hook(count)
+            return model, tokenizer
+        opsd.load_model = load_and_hook
+        calls["count"] = 0
+        try:
+            opsd.main(run_args(world, tmp_path / str(bool(flag)), "--max-steps", "1", *weights, *flag))
+        finally:
+            opsd.load_model = real
+        counts[bool(flag)] = calls["count"]
+        checkpoint = tmp_path / str(bool(flag)) / "checkpoint-000001"
+        trained[bool(flag)] = load_file(glob.glob(str(checkpoint / "*.safetensors"))[0])
+    assert counts[True] == counts[False] + 2  # the two micro-batches' student passes, recomputed
+    for name in trained[False]:
+        torch.testing.assert_close(trained[True][name], trained[False][name], atol=1e-6, rtol=0)
+
 
 # -----------------------------------------------------------------------------
 # 6. learning, data parallelism
@@ -544,11 +645,11 @@ def test_a_few_steps_lower_the_divergence(world):
         teacher_hidden = opsd.completion_hidden(model, teacher_batch)  # fixed: computed once
     weights = torch.cat([torch.full((n,), 1 / (4 * n)) for n in [6, 9, 12, 15]])
     optimizer = torch.optim.AdamW(trainable(model), lr=1e-2)
-    loss_grad = opsd.loss_and_gradient(token_loss(beta=0.5), compile=False)
+    options = loss_options(beta=0.5, chunk_size=7)
     losses = []
     for _ in range(6):
         loss, _ = opsd.chunked_loss_backward(opsd.completion_hidden(model, student_batch), teacher_hidden, head,
-                                             head.detach(), student_batch["targets"], weights, loss_grad, chunk_size=7)
+                                             head, student_batch["targets"], weights, LOSS_GRAD, options)
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
@@ -740,20 +841,71 @@ def test_a_long_reference_is_cut_and_counted_and_a_prompt_past_the_context_is_na
     with pytest.raises(prompts.UserError, match=message):
         opsd.main(argv)
 
+def test_the_loss_is_the_mean_over_rollouts_of_each_rollouts_mean_divergence(world, tmp_path, monkeypatch):
+    """Eq. 5's scale, from an independent path: the logged loss (no clip) equals the plain mean, over the step's
+    rollouts, of each rollout's mean per-token divergence as rollouts.jsonl records it. A missing 1/P (or 1/|y|)
+    in the per-token weights scales the loss by 4 (or by the lengths)."""
+    def rollouts_of_several_lengths(sampler, prompt_ids, n, sampling, seeds, lora_request=None):
+        lengths = [3 + seed % 13 for seed in seeds]
+        return [[samplers.Sample(list(range(40, 40 + length)), None)] for length in lengths]
+    monkeypatch.setattr(samplers.HFSampler, "generate", rollouts_of_several_lengths)
+    opsd.main(run_args(world, tmp_path, "--max-steps", "2", "--save-rollouts-every", "1"))
+    rows = [json.loads(line) for line in open(tmp_path / "rollouts.jsonl")]
+    for record in log(tmp_path):
+        mine = [r["divergence"] for r in rows if r["step"] == record["step"]]
+        assert len(mine) == 4
+        assert record["loss"] == pytest.approx(sum(mine) / 4, rel=1e-5)
+    assert len({r["length"] for r in rows}) > 1  # rollouts of different lengths: a token-level mean would differ
+
+
+def test_a_problem_drawn_twice_in_one_step_gets_the_same_rollout(world, tmp_path):
+    """At an epoch's end a step can draw a problem twice (3 problems, 4 a step): its seed is the step and the
+    problem, so both draws get the same rollout (the docstring and the README say so)."""
+    rows = toy.make_records("train", 3, 0)
+    data = tmp_path / "three.jsonl"
+    toy.write_jsonl(str(data), rows)
+    argv = run_args(world, tmp_path / "run", "--max-steps", "2", "--save-rollouts-every", "1", "--temperature", "1.5")
+    argv[argv.index("--data") + 1] = str(data)
+    opsd.main(argv)
+    saved = [json.loads(line) for line in open(tmp_path / "run" / "rollouts.jsonl")]
+    for step in (1, 2):
+        by_problem = {}
+        for row in saved:
+            if row["step"] == step:
+                by_problem.setdefault(row["problem_id"], []).append(row["rollout"])
+        assert sum(len(v) for v in by_problem.values()) == 4 and len(by_problem) == 3  # one problem twice
+        assert all(len(set(rollouts)) == 1 for rollouts in by_problem.values())
+    assert len({row["rollout"] for row in saved}) > 3  # and the rollouts do differ otherwise
+
+
+def test_the_stage_clock_waits_for_the_gpu_before_each_reading(monkeypatch):
+    """On a GPU kernels run asynchronously: each stage's time is read after torch.cuda.synchronize(), or a stage is
+    charged with the queued work of the one before. (Run here with synchronize patched: no GPU.)"""
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    clock = plumbing.StageClock(torch.device("cuda", 0))
+    clock.lap("sample")
+    clock.lap("teacher")
+    clock.lap("teacher")
+    total = clock.total()
+    assert len(synced) == 5 and all(d == torch.device("cuda", 0) for d in synced)
+    assert set(clock.seconds) == {"sample", "teacher"} and sum(clock.seconds.values()) <= total
+    assert plumbing.StageClock(CPU).seconds == {} and len(synced) == 5  # on a CPU nothing to wait for
+
 # -----------------------------------------------------------------------------
 # 9. bf16 (the GPU path, run here: this CPU has AVX-512 BF16)
 
 
-def fixed_rollouts(sampler, prompt_ids, n, sampling, seeds, adapter=None):
+def fixed_rollouts(sampler, prompt_ids, n, sampling, seeds, lora_request=None):
     """Rollouts that depend only on the seeds: the same in a bf16 and an fp32 run, whose own samples would differ."""
-    return [[opsd.Sample(torch.randint(3, 300, (12,), generator=torch.Generator().manual_seed(s)).tolist(), None)]
+    return [[samplers.Sample(torch.randint(3, 300, (12,), generator=torch.Generator().manual_seed(s)).tolist(), None)]
             for s in seeds]
 
 
 def one_step(world, tmp_path, name, *extra):
     captured = {}
-    real, real_generate = opsd.update, opsd.HFSampler.generate
-    opsd.HFSampler.generate = fixed_rollouts
+    real, real_generate = opsd.update, samplers.HFSampler.generate
+    samplers.HFSampler.generate = fixed_rollouts
 
     def update(params, *args, **kwargs):
         captured["grads"] = torch.cat([p.grad.flatten().double() for p in params])
@@ -765,7 +917,7 @@ def one_step(world, tmp_path, name, *extra):
     try:
         record = opsd.main(run_args(world, tmp_path / name, "--max-steps", "1", *extra))
     finally:
-        opsd.update, opsd.HFSampler.generate = real, real_generate
+        opsd.update, samplers.HFSampler.generate = real, real_generate
     return record, captured
 
 
@@ -797,9 +949,12 @@ def test_a_bf16_step_matches_the_fp32_step_and_keeps_trained_weights_fp32(world,
 def test_the_softmaxes_and_the_divergence_run_in_fp32_under_bf16_logits():
     problem = loss_problem(n=8, seed=3)
     student, teacher = (x.bfloat16() for x in logits_of(problem))
-    loss_grad = opsd.loss_and_gradient(token_loss(beta=0.5), compile=False)
-    grad, (loss, out) = loss_grad(student, teacher, problem["targets"], problem["token_weights"])
-    assert loss.dtype == torch.float32 and out["divergence"].dtype == torch.float32 and grad.dtype == torch.bfloat16
+    student.requires_grad_()
+    out = token_loss(beta=0.5)(student, teacher, problem["targets"])
+    loss = (out["loss"] * problem["token_weights"]).sum()
+    loss.backward()
+    assert loss.dtype == torch.float32 and out["divergence"].dtype == torch.float32
+    assert student.grad.dtype == torch.bfloat16
     expected = (reference_jsd(student.double() / TEMPERATURE, teacher.double() / TEMPERATURE, 0.5) *
                 problem["token_weights"].double()).sum()
     assert abs(loss.item() - expected.item()) < 1e-5  # fp32 math on the bf16 values: bf16 rounding is not added
@@ -823,7 +978,7 @@ def test_help_documents_every_option():
     (["--loss", "sampled", "--entry-clip", "0.1"], "--entry-clip does nothing with --loss sampled"),
     (["--loss", "sampled", "--token-clip", "0.1"], "--token-clip does nothing with --loss sampled"),
     (["--loss", "sampled", "--loss-top-k", "5"], "--loss-top-k does nothing with --loss sampled"),
-    (["--baseline", "vopd"], "--baseline vopd is for --loss sampled"),
+    (["--baseline", "vopd"], "--baseline does nothing without --loss sampled"),
     (["--ema-decay", "0.9"], "--ema-decay does nothing without --teacher-weights ema"),
 ])
 def test_options_that_do_nothing_in_a_combination_are_refused(world, tmp_path, argv, message):

@@ -73,8 +73,8 @@ def project_imports(path):
 
 
 def test_the_import_graph_is_a_tree_with_opsd_as_the_building_blocks():
-    """prompts <- plumbing <- opsd <- {grpo, sft, eval} <- toy <- benchmarks and tests; no cycle, no import inside a
-    function to dodge one, and the run plumbing imports no script."""
+    """prompts <- plumbing <- samplers <- opsd <- {grpo, sft, eval} <- toy <- benchmarks and tests; no cycle, no
+    import inside a function to dodge one, and neither the run plumbing nor the samplers import a script."""
     graph = {}
     for path in glob.glob(os.path.join(HERE, "*.py")):
         module = os.path.splitext(os.path.basename(path))[0]
@@ -82,9 +82,11 @@ def test_the_import_graph_is_a_tree_with_opsd_as_the_building_blocks():
         hidden = [m for m, in_function in imports if in_function]
         assert not hidden, f"{module}.py imports a project module inside a function"
         graph[module] = {m for m, _ in imports}
-    assert graph["prompts"] == set() and graph["plumbing"] == {"prompts"} and graph["opsd"] == {"plumbing", "prompts"}
+    assert graph["prompts"] == set() and graph["plumbing"] == {"prompts"}
+    assert graph["samplers"] == {"plumbing", "prompts"}
+    assert graph["opsd"] == {"plumbing", "prompts", "samplers"}
     for script in ("grpo", "sft", "eval"):
-        assert graph[script] <= {"opsd", "plumbing", "prompts"}, f"{script}.py imports {graph[script]}"
+        assert graph[script] <= {"opsd", "plumbing", "prompts", "samplers"}, f"{script}.py imports {graph[script]}"
     assert not [m for m, deps in graph.items() if "toy" in deps and not m.startswith(("test_", "bench_"))]
 
     def reaches(start, target, seen=()):

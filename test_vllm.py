@@ -22,6 +22,7 @@ import eval as evaluate
 import grpo
 import opsd
 import prompts
+import samplers
 import toy
 
 if importlib.util.find_spec("vllm") is None:
@@ -45,8 +46,8 @@ def world(tmp_path_factory):
 def sampler(world, tmp_path_factory):
     """One float32 engine with LoRA for the tests of TestOneEngine (import ~15 s, start ~4 s). vLLM keeps global state
     per process, so it is closed before any other test starts an engine of its own (as a script only ever has one)."""
-    engine = opsd.make_sampler("vllm", None, world["tokenizer"], world["model"], CPU, torch.float32, lora_rank=8,
-                               seed=0, gpu_memory=0.3)
+    engine = samplers.make_sampler("vllm", None, world["tokenizer"], world["model"], CPU, torch.float32, lora_rank=8,
+                                   seed=0, gpu_memory=0.3)
     yield engine
     engine.close()
 
@@ -76,7 +77,7 @@ def ids(samples):
 
 
 def hf_greedy(model, world, problems, max_new_tokens=48):
-    hf = opsd.HFSampler(model, world["tokenizer"], prompts.stop_token_ids(world["tokenizer"], world["model"]))
+    hf = samplers.HFSampler(model, world["tokenizer"], prompts.stop_token_ids(world["tokenizer"], world["model"]))
     return ids(hf.generate(problems, 1, greedy(max_new_tokens), seeds=[0] * len(problems)))
 
 
@@ -96,7 +97,8 @@ class TestOneEngine:
         seeds = [0] * len(problems)
         assert ids(sampler.generate(problems, 1, greedy(), seeds)) == hf_greedy(base.eval(), world, problems)
         model = lora_model(world)
-        with_adapter = ids(sampler.generate(problems, 1, greedy(), seeds, adapter=save(model, tmp_path / "adapter")))
+        lora_request = opsd.lora_request(save(model, tmp_path / "adapter"))
+        with_adapter = ids(sampler.generate(problems, 1, greedy(), seeds, lora_request))
         assert with_adapter == hf_greedy(model, world, problems)
         assert with_adapter != hf_greedy(base.eval(), world, problems)  # the adapter changes what is generated
 
@@ -129,9 +131,9 @@ class TestOneEngine:
         mismatch) equals HF's log_softmax(logits / T) there."""
         temperature = 1.3
         model = lora_model(world) if adapter else opsd.load_model(world["model"], CPU)[0].eval()
-        path = save(model, tmp_path / "adapter") if adapter else None
+        lora_request = opsd.lora_request(save(model, tmp_path / "adapter")) if adapter else None
         sampling = dict(max_new_tokens=32, temperature=temperature, top_p=1.0, top_k=0)
-        samples = sampler.generate(problems, 1, sampling, list(range(len(problems))), adapter=path)
+        samples = sampler.generate(problems, 1, sampling, list(range(len(problems))), lora_request)
         worst, tokens = 0.0, 0
         for prompt, [sample] in zip(problems, samples):
             sequence = torch.tensor([prompt + sample.ids])
@@ -173,13 +175,13 @@ def test_both_samplers_stop_on_the_same_ids_including_the_generation_configs(wor
     (model_dir / "generation_config.json").write_text(json.dumps(config))
     stop_ids = prompts.stop_token_ids(tokenizer, str(model_dir))
     assert stop_ids == prompts.stop_token_ids(tokenizer) + [extra]
-    engine = opsd.make_sampler("vllm", None, tokenizer, str(model_dir), CPU, torch.float32, lora_rank=None, seed=0,
-                               gpu_memory=0.3)
+    engine = samplers.make_sampler("vllm", None, tokenizer, str(model_dir), CPU, torch.float32, lora_rank=None,
+                                   seed=0, gpu_memory=0.3)
     try:
         ours = ids(engine.generate(problems, 1, greedy(), [0] * len(problems)))
     finally:
         engine.close()
-    hf = opsd.HFSampler(base.eval(), tokenizer, stop_ids)
+    hf = samplers.HFSampler(base.eval(), tokenizer, stop_ids)
     assert ours == ids(hf.generate(problems, 1, greedy(), [0] * len(problems)))
     ends = [c[-1] for c in ours if len(c) < 48]
     assert extra in ends  # some completions did stop on the generation config's extra id

@@ -38,6 +38,7 @@ import grpo
 import opsd
 import plumbing
 import prompts
+import samplers
 import sft
 
 # -----------------------------------------------------------------------------
@@ -261,7 +262,7 @@ def accuracy(model_dir, data_path, adapter=None, teacher_context=None, limit=Non
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, adapter)
     records = prompts.load_records(data_path, require=("problem", "solution", "answer"), limit=limit)
-    sampler = opsd.HFSampler(model, tokenizer, prompts.stop_token_ids(tokenizer, model_dir), batch_size=256)
+    sampler = samplers.HFSampler(model, tokenizer, prompts.stop_token_ids(tokenizer, model_dir), batch_size=256)
     sampling = dict(max_new_tokens=PRESETS["eval"]["max_new_tokens"], temperature=0.0, top_p=1.0, top_k=0)
     return evaluation.run_eval(tokenizer, records, sampler, n=1, sampling=sampling, thinking=False,
                                teacher_context=teacher_context, batch_size=256)["avg"]
