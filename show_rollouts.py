@@ -90,7 +90,7 @@ pre { white-space: pre-wrap; font-size: 14px; line-height: 1.5; margin: 0.3em 0 
 pre span:empty { display: inline-block; width: 0.4em; height: 1em; outline: 1px dotted #bbb; }
 .nl::before { content: "\\21B5"; color: #999; }
 h2 { font-size: 14px; margin: 0; padding: 0.3em; background: #eee; }
-.correct { color: #070; } .wrong { color: #b00; } .legend span { padding: 0 0.4em; }
+.correct { color: #070; } .wrong { color: #b00; } .legend span { padding: 0 0.4em; border: 1px solid #ddd; }
 """
 SCRIPT = """const select = document.getElementById("step");
 function show() {
