@@ -113,15 +113,20 @@ def main(argv=None):
     dtype = plumbing.compute_dtype(args.dtype, device)
     # 3. data: problems with a gold answer
     records = prompts.load_records(args.data, args.split, require=("problem", "answer"), limit=args.max_problems)
+    tokenizer = plumbing.load_tokenizer(args.model)
+    room = plumbing.room_for_prompts(args, args.max_new_tokens, "--max-new-tokens")
+    if room is not None:  # every prompt + its rollouts must fit the model's context: checked now
+        too_long = prompts.prompts_too_long(tokenizer, records, room, args.thinking)
+        records = plumbing.fit_to_context(records, too_long, args, "prompt", room, "lower --max-new-tokens")
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(records) / args.batch_size))
-    run = plumbing.Run(args, "grpo", rank, world, device)
+    run = plumbing.Run(args, "grpo", rank, world, device, total_steps)
     # 4. model + LoRA, the optimizer (ppo_epochs updates a step), and on --resume the checkpoint's state
     torch.manual_seed(args.seed)
     model, tokenizer = opsd.load_model(args.model, device, dtype, opsd.lora_config(args),
                                        grad_checkpointing=args.grad_checkpointing)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = opsd.make_optimizer(args, params, total_steps * args.ppo_epochs)
-    state = run.restore(model, optimizer, scheduler, total_steps)
+    state = run.restore(model, optimizer, scheduler)
     generated_total = state.get("generated_tokens", 0)
     # 5. the sampler, and the rollout tokens' log-probs (compiled)
     lora_rank = None if args.full_finetune else args.lora_r

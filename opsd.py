@@ -164,7 +164,7 @@ def load_model(path, device, dtype=torch.float32, lora=None, from_scratch=False,
     run's frozen base is stored in `dtype`; weights that train are fp32 (the adapter: PEFT keeps it so; a full
     model: its fp32 weights are the master copy bf16 autocast computes from, so a small update is never rounded
     away). Returned in eval mode: the loop switches to train mode for the student pass only."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     options = dict(dtype=torch.float32 if lora is None else dtype, attn_implementation="sdpa")
     if device.type == "cuda" and importlib.util.find_spec("flash_attn"):  # only a GPU install that built it has it
         options["attn_implementation"] = "flash_attention_2"
@@ -179,7 +179,7 @@ def load_model(path, device, dtype=torch.float32, lora=None, from_scratch=False,
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
     model.eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, plumbing.load_tokenizer(path)
 
 
 def lora_config(args):
@@ -555,20 +555,33 @@ def main(argv=None):
     # 2. torchrun
     rank, world, device = init_distributed()
     dtype = plumbing.compute_dtype(args.dtype, device)
-    # 3. data: problems with a gold answer (to grade the rollouts, for the log) and the teacher's context
+    # 3. data: problems with a gold answer (to grade the rollouts, for the log) and the teacher's context. Every
+    # prompt must leave room for a rollout in the model's context: checked here, not when the row's step comes
     require = ("problem", "answer")
     if args.teacher_context == "solution":
         require += ("solution",)
     records = prompts.load_records(args.data, args.split, require=require, limit=args.max_problems)
+    tokenizer = plumbing.load_tokenizer(args.model)
+    room = plumbing.room_for_prompts(args, args.max_new_tokens, "--max-new-tokens")
+    if room is not None:
+        too_long = prompts.prompts_too_long(tokenizer, records, room, args.thinking)
+        records = plumbing.fit_to_context(records, too_long, args, "student prompt", room, "lower --max-new-tokens")
+        too_long = prompts.prompts_too_long(tokenizer, records, room, teacher_thinking, args.teacher_context,
+                                            args.thinking, args.max_reference_tokens)
+        records = plumbing.fit_to_context(records, too_long, args, "teacher prompt", room,
+                                          "cut the reference with --max-reference-tokens")
+    vocab_size = plumbing.model_config(args.model).vocab_size
+    if args.loss_top_k > vocab_size:
+        raise prompts.UserError(f"--loss-top-k {args.loss_top_k}: the model has {vocab_size:,} logits a position")
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(records) / args.batch_size))
-    run = plumbing.Run(args, "opsd", rank, world, device)  # --eval-data, --resume, --out-dir: checked before the model
+    run = plumbing.Run(args, "opsd", rank, world, device, total_steps)  # --resume, --out-dir: checked before the model
     # 4. model + LoRA (the same init on every rank), the optimizer, and on --resume the checkpoint's state
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, device, dtype, lora_config(args),
                                   grad_checkpointing=args.grad_checkpointing)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(args, params, total_steps)
-    state = run.restore(model, optimizer, scheduler, total_steps)
+    state = run.restore(model, optimizer, scheduler)
     # swapped in for the teacher pass: the EMA weights, or the initial ones under full fine-tuning
     teacher_copy = None
     if args.teacher_weights == "ema" or (args.teacher_weights == "fixed" and args.full_finetune):
@@ -583,7 +596,6 @@ def main(argv=None):
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     top_k=args.sampling_top_k)
     loss_grad = loss_and_gradient(opsd_token_loss, args.compile)
-    context = getattr(model.config, "max_position_embeddings", None)
     rollouts_file = None
     if args.save_rollouts_every:
         name = "rollouts.jsonl" if world == 1 else f"rollouts.rank{rank}.jsonl"
@@ -605,11 +617,6 @@ def main(argv=None):
         student_prompts = [prompts.student_prompt_ids(tokenizer, r["problem"], args.thinking) for r in batch]
         teacher_prompts = [prompts.teacher_prompt_ids(tokenizer, r, teacher_thinking, args.teacher_context,
                                                       args.thinking) for r, _ in cut]
-        for r, p in zip(batch, teacher_prompts):  # a prompt past the context: say which, rather than run out of memory
-            if context and len(p) + args.max_new_tokens > context:
-                raise prompts.UserError(f"{args.data}: row {r['id']}: the teacher prompt ({len(p):,} tokens) + "
-                                        f"--max-new-tokens {args.max_new_tokens} exceed the model's {context:,}-"
-                                        "position context; cut the reference with --max-reference-tokens")
         seeds = [plumbing.request_seed(args.seed, step, i) for i in indices]
         lora_request = adapter_for(sampler, model, args.out_dir, rank, f"step{step}")
         samples = [group[0] for group in sampler.generate(student_prompts, 1, sampling, seeds, lora_request)]

@@ -12,6 +12,7 @@ import copy
 import errno
 import fcntl
 import fnmatch
+import functools
 import glob
 import hashlib
 import json
@@ -22,6 +23,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -37,17 +39,22 @@ from prompts import UserError
 
 
 def bounded(kind, low, high=None, low_open=False):
-    """An argparse type: a finite `kind` (int or float) in [low, high], or (low, high] with low_open."""
-    high = math.inf if high is None else high
+    """An argparse type: a finite `kind` (int or float) in [low, high], or (low, high] with low_open; no upper bound
+    when high is None."""
+    if high is None:
+        allowed = f"> {low}" if low_open else f">= {low}"
+    else:
+        allowed = f"in {'(' if low_open else '['}{low}, {high}]"
 
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
-        if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
-            raise argparse.ArgumentTypeError(f"must be a finite number in {'(' if low_open else '['}{low}, {high}], "
-                                             f"got {text}")
+        too_low = value < low or (low_open and value == low)
+        too_high = high is not None and value > high
+        if not math.isfinite(value) or too_low or too_high:
+            raise argparse.ArgumentTypeError(f"must be a finite number {allowed}, got {text}")
         return value
     parse.__name__ = kind.__name__  # what argparse prints as the expected type
     return parse
@@ -119,6 +126,8 @@ def training_parser(description, script, presets=None):
     group.add_argument("--data", default=prompts.TRAIN_DATA[0], help="HF id, prompts.BENCHMARKS key or local file")
     group.add_argument("--split", default=prompts.TRAIN_DATA[1], help="dataset split (HF ids)")
     group.add_argument("--max-problems", type=positive_int, default=None, help="use only the first N problems")
+    group.add_argument("--drop-long-rows", action="store_true",
+                       help="drop rows whose prompt cannot fit the model's context (else: an error naming one)")
     group = parser.add_argument_group("optimization")
     group.add_argument("--lr", type=positive_float, default=2e-5, help="peak learning rate (AdamW)")
     group.add_argument("--warmup-ratio", type=fraction, default=0.1, help="linear warmup share; cosine after")
@@ -167,8 +176,15 @@ def parse_config(parser, argv=None, implied=None):
     check_model_path(args.model)
     if os.path.exists(getattr(args, "out_dir", "")) and not os.path.isdir(args.out_dir):
         raise UserError(f"--out-dir {args.out_dir}: a file, not a directory")
+    if getattr(args, "resume", None) and getattr(args, "overwrite", False):
+        raise UserError("--resume and --overwrite: give one (--overwrite deletes what --resume continues)")
     if getattr(args, "eval_every", 0) and not args.eval_data:
         raise UserError("--eval-every needs --eval-data (the problems to evaluate on)")
+    refuse_inert(args, shared_inert_rules(args))
+    if args.sampler == "hf" or (args.sampler == "auto" and not torch.cuda.is_available()):
+        unused = [name for name in ("vllm_gpu_memory", "vllm_sleep") if name in args._given]
+        if unused:  # a launcher may pass these to every job: a note, not an error
+            print0(f"note: --{unused[0].replace('_', '-')} has no effect: the HF sampler samples here")
     if getattr(args, "full_finetune", False) and args.sampler == "vllm":
         raise UserError("--sampler vllm needs LoRA: vLLM has no public API to load new full weights; use --sampler hf")
     if "lm_head" in getattr(args, "lora_targets", "").split(","):
@@ -187,6 +203,25 @@ def given_options(parser, argv):
     return set(vars(explicit.parse_args(argv)))
 
 
+def shared_inert_rules(args):
+    """refuse_inert's rules for the options every script (or every training script) shares."""
+    greedy = args.temperature == 0
+    rules = [("top_p", greedy, "with --temperature 0 (greedy)"),
+             ("sampling_top_k", greedy, "with --temperature 0 (greedy)")]
+    local_file = os.path.exists(getattr(args, "data", None) or "")
+    rules.append(("split", local_file, "with a local --data file (it has no splits)"))
+    if not hasattr(args, "eval_every"):  # eval.py: no training options
+        return rules
+    for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"):
+        rules.append((name, args.full_finetune, "with --full-finetune (no adapter)"))
+    for name in ("eval_data", "eval_samples", "eval_temperature", "eval_max_new_tokens"):
+        rules.append((name, not args.eval_every, "without --eval-every"))
+    identical = args.eval_temperature == 0 and args.eval_samples > 1
+    rules.append(("eval_samples", identical, "above 1 with --eval-temperature 0: greedy samples are all the same"))
+    rules.append(("epochs", args.max_steps is not None, "with --max-steps"))
+    return rules
+
+
 def refuse_inert(args, rules):
     """rules: (option, inert, why) triples. An option given on the command line that cannot act in this combination
     (inert) is an error naming it: a setting that silently does nothing is a wrong experiment."""
@@ -196,6 +231,8 @@ def refuse_inert(args, rules):
 
 
 def check_model_path(path, option="--model"):
+    """A local model directory must exist and hold a config.json; an HF id must be loadable (from the local cache,
+    or the hub): either way a one-line error, before any data or model loads."""
     # "org/name" is an HF id; anything else is a local directory, and a missing one must not reach transformers,
     # whose message for it is about repo id characters
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", path) or os.path.exists(path) or path.startswith("."):
@@ -203,6 +240,57 @@ def check_model_path(path, option="--model"):
             raise UserError(f"{option} {path}: no such directory (and not a Hugging Face id like Qwen/Qwen3-1.7B)")
         if not os.path.exists(os.path.join(path, "config.json")):
             raise UserError(f"{option} {path}: no config.json there (not a model directory)")
+        return
+    from transformers import AutoConfig
+    try:
+        AutoConfig.from_pretrained(path)
+    except OSError as e:  # not in the local cache, and the hub unreachable (after its retries) or the id unknown
+        reason = str(e).strip().splitlines()[0][:200]
+        raise UserError(f"{option} {path}: cannot be loaded ({reason}); download it while online, or pass a local "
+                        "directory") from None
+
+
+@functools.lru_cache(maxsize=4)  # loaded once per path: the data checks use it before the model loads
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
+@functools.lru_cache(maxsize=4)
+def model_config(path):
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(path)
+
+
+def room_for_prompts(args, reserved, option):
+    """How many tokens a prompt may have: the model's context (its config's max_position_embeddings) less the
+    `reserved` positions `option` asks for (a rollout's --max-new-tokens); None if the model states no context."""
+    context = getattr(model_config(args.model), "max_position_embeddings", None)
+    if context is None:
+        return None
+    if reserved >= context:
+        raise UserError(f"{option} {reserved} leaves no room for a prompt in the model's {context:,}-position context")
+    return context - reserved
+
+
+def fit_to_context(records, too_long, args, what, room, advice):
+    """too_long: prompts.prompts_too_long's [(record, tokens)] against `room` tokens. None: the records. With
+    --drop-long-rows they are dropped (one line says which); otherwise the first is an error that names it, says
+    what would fit, and how to get there (`advice`, and --drop-long-rows)."""
+    if not too_long:
+        return records
+    ids = [record["id"] for record, _ in too_long]
+    if args.drop_long_rows:
+        print0(f"--drop-long-rows: dropped {len(ids)} row(s) of {args.data} whose {what} is over {room:,} tokens: "
+               f"ids {ids[:10]}{' ...' * (len(ids) > 10)}")
+        dropped = set(ids)
+        kept = [record for record in records if record["id"] not in dropped]
+        if not kept:
+            raise UserError(f"--drop-long-rows: no row of {args.data} fits")
+        return kept
+    record, tokens = too_long[0]
+    raise UserError(f"{args.data}: row {record['id']}: the {what} ({tokens:,} tokens) is over the {room:,} that fit "
+                    f"({len(ids)} row(s) in all); {advice}, or drop such rows with --drop-long-rows")
 
 
 def request_seed(*key):
@@ -235,8 +323,11 @@ def claim_out_dir(out_dir, continuing, overwrite, master=True):
     kill -9 included) and carry out --overwrite. Returns the open lock file: the caller closes it when it ends."""
     lock = None
     if master:
-        os.makedirs(out_dir, exist_ok=True)
-        lock = open(os.path.join(out_dir, ".lock"), "a+")
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            lock = open(os.path.join(out_dir, ".lock"), "a+")
+        except OSError as e:  # a read-only file system, a path below a regular file, no permission
+            raise UserError(f"--out-dir {out_dir}: cannot be created or written ({e.strerror or e})") from None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -397,10 +488,53 @@ def follow_latest(path):
     return complete[-1] if complete else path
 
 
-def read_checkpoint(args, script):
+PATH_SETTINGS = ("model", "data", "eval_data")  # compared by what they point to, not by how they are spelled
+
+
+def identity(setting, value):
+    """What a setting names: a local path by its real path (warm/, ./warm and an absolute path are one model), an
+    HF id or any other value as it is."""
+    if setting in PATH_SETTINGS and isinstance(value, str) and os.path.exists(value):
+        return os.path.realpath(value)
+    return value
+
+
+def live_run_lock(out_dir):
+    """A shared lock on another run's out dir, held while its checkpoint is read and loaded: a run still writing there
+    (it holds the exclusive lock) could delete the checkpoint midway as it rotates. None if there is no lock file."""
+    path = os.path.join(out_dir, ".lock")
+    if not os.path.exists(path):
+        return None
+    lock = open(path)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise UserError(f"--resume: a live run is still writing in {out_dir}, and its rotation may delete the "
+                        "checkpoint while it loads: wait for it to end, or copy the checkpoint elsewhere") from None
+    return lock
+
+
+def read_run_json(path):
+    """A checkpoint's run.json: {"script", "step", "settings", ...}; a torn or foreign one is a one-line error."""
+    file = os.path.join(path, "run.json")
+    try:
+        with open(file) as f:
+            saved = json.load(f)
+        if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict) or "script" not in saved:
+            raise ValueError("no 'script' and 'settings' in it")
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        earlier = [c for c in complete_checkpoints(os.path.dirname(path)) if checkpoint_step(c) < checkpoint_step(path)]
+        offer = f"; resume from the one before it: --resume {earlier[-1]}" if earlier else ""
+        raise UserError(f"--resume: {file} is unreadable ({type(e).__name__}: {str(e)[:200]}){offer}") from None
+    return saved
+
+
+def read_checkpoint(args, script, world):
     """--resume: find the checkpoint and check that this script wrote it with the same settings and that its files
-    are readable, all before any model loads. Returns (path, trainer state, this rank's RNG state), or None for
-    an out dir whose run never completed a checkpoint (it starts again from step 0)."""
+    are readable, all before any model loads. Returns (path, trainer state, this rank's RNG state, lock), lock being
+    live_run_lock's for a checkpoint in another out dir (the caller closes it once the weights are loaded); or None
+    for an out dir whose run never completed a checkpoint (it starts again from step 0)."""
     path = follow_latest(args.resume)
     if not os.path.exists(os.path.join(path, "run.json")):
         if any(glob.glob(os.path.join(args.resume, leftover)) for leftover in LEFTOVERS):
@@ -408,22 +542,33 @@ def read_checkpoint(args, script):
             return None
         raise UserError(f"--resume {args.resume}: no checkpoint there (no run.json; not a checkpoint dir, nor an out "
                         "dir with one)")
-    with open(os.path.join(path, "run.json")) as f:
-        saved = json.load(f)
+    run_dir = os.path.dirname(os.path.abspath(path))
+    lock = None
+    if run_dir != os.path.abspath(args.out_dir):  # resuming into the same dir: claim_out_dir locks it
+        lock = live_run_lock(run_dir)
+    saved = read_run_json(path)
     if saved["script"] != script:
         raise UserError(f"--resume {path}: written by {saved['script']}.py, not {script}.py")
     settings = saved["settings"]
     changed = {}
     for name, value in settings_of(args).items():
         saved_value = settings.get(name, args._defaults.get(name))  # one an older version did not save: its default
-        if name not in RESUMABLE_CHANGES and saved_value != value:
+        if name not in RESUMABLE_CHANGES and identity(name, saved_value) != identity(name, value):
             changed[name] = (saved_value, value)
     if changed:
         raise UserError(f"--resume {path}: written with other settings: " + "; ".join(
             f"--{k.replace('_', '-')} was {old!r}, now {new!r}" for k, (old, new) in changed.items()))
+    unknown = sorted(set(settings) - set(settings_of(args)))
+    if unknown:
+        print0(f"--resume: {path} has settings this version does not know, ignored: {', '.join(unknown)}")
+    saved_world = saved.get("world", 1)
+    if saved_world != world:
+        print0(f"--resume: {path} was written by {saved_world} rank(s), resumed on {world}: the run goes on, but not "
+               "bit for bit (the sum of the gradients over ranks and each rank's random state differ)")
     states = []
     rank = int(os.environ.get("RANK", 0))
-    for file in ("trainer_state.pt", f"rng_rank{rank}.pt", os.path.basename(weights_file(path))):
+    rng_file = f"rng_rank{rank}.pt" if os.path.exists(os.path.join(path, f"rng_rank{rank}.pt")) else "rng_rank0.pt"
+    for file in ("trainer_state.pt", rng_file, os.path.basename(weights_file(path))):
         try:
             if file.endswith(".safetensors"):
                 from safetensors import safe_open
@@ -436,7 +581,7 @@ def read_checkpoint(args, script):
             offer = f"; resume from the one before it: --resume {earlier[-1]}" if earlier else ""
             raise UserError(f"--resume: {os.path.join(path, file)} is unreadable ({type(e).__name__}: "
                             f"{str(e)[:200]}){offer}") from e
-    return path, states[0], states[1]
+    return path, states[0], states[1], lock
 
 
 def settings_of(args):
@@ -475,27 +620,44 @@ class Run:
     """One training run's out dir, log and checkpoints. Created after the data loads and before the model does:
     every check (--eval-data, --resume, --out-dir) has run by then."""
 
-    def __init__(self, args, script, rank, world, device):
-        self.args, self.script, self.rank, self.world, self.device = args, script, rank, world, device
+    def __init__(self, args, script, rank, world, device, total_steps):
+        self.args = args
+        self.script = script
+        self.rank = rank
+        self.world = world
+        self.device = device
+        self.total_steps = total_steps
         self.master = rank == 0
         if args.batch_size % world:
             raise UserError(f"--batch-size {args.batch_size} must be divisible by the number of ranks ({world})")
-        self.eval_records = prompts.load_records(args.eval_data, None, require=("problem", "answer")) \
-            if args.eval_every else None
-        self.checkpoint = read_checkpoint(args, script) if args.resume else None
-        continuing = bool(self.checkpoint) and os.path.abspath(os.path.dirname(self.checkpoint[0])) == \
-            os.path.abspath(args.out_dir)
-        self.lock = claim_out_dir(args.out_dir, continuing or bool(args.resume), args.overwrite, self.master)
+        if args.stop_after is not None and args.stop_after >= total_steps:
+            raise UserError(f"--stop-after {args.stop_after} does nothing: the run has {total_steps} steps")
+        self.eval_records = None
+        if args.eval_every:
+            self.eval_records = prompts.load_records(args.eval_data, None, require=("problem", "answer"))
+        self.checkpoint = None
+        self.source_lock = None
+        if args.resume:
+            self.checkpoint = read_checkpoint(args, script, world)
+        continuing = bool(args.resume)
+        if self.checkpoint:
+            self.source_lock = self.checkpoint[3]
+        self.lock = claim_out_dir(args.out_dir, continuing, args.overwrite, self.master)
         if world > 1:
             dist.barrier()  # rank 0 has carried out --overwrite before anyone writes
-        self.start_step, self.last_saved, self.best, self.bar, self.wandb = 0, None, None, None, None
+        self.start_step = 0
+        self.last_saved = None
+        self.best = None
+        self.bar = None
+        self.wandb = None
 
-    def restore(self, model, optimizer, scheduler, total_steps):
+    def restore(self, model, optimizer, scheduler):
         """The checkpoint's weights, optimizer, schedule and RNG on --resume (returns the script's saved state), or
         per-rank seeds on a fresh run (returns {}); then open the log."""
-        args, state, self.total_steps = self.args, {}, total_steps
+        args = self.args
+        state = {}
         if self.checkpoint:
-            path, state, rng = self.checkpoint
+            path, state, rng, _ = self.checkpoint
             if os.path.abspath(os.path.dirname(path)) == os.path.abspath(args.out_dir) and self.master:
                 for later in glob.glob(os.path.join(args.out_dir, "checkpoint-*[0-9]")):  # an abandoned continuation
                     if checkpoint_step(later) > state["step"]:
@@ -511,6 +673,8 @@ class Run:
             self.start_step = self.last_saved = state["step"]
             self.best = state.get("best")
             print0(f"resumed from {path} at step {self.start_step}")
+            if self.source_lock:  # loaded: the other run may rotate it away now
+                self.source_lock.close()
         else:
             torch.manual_seed(args.seed + 1 + self.rank)  # from here on each rank draws differently (dropout)
             random.seed(args.seed + 1 + self.rank)
@@ -520,14 +684,18 @@ class Run:
         self.log_file = JsonlFile(os.path.join(args.out_dir, "log.jsonl"), self.resume_step) if self.master else None
         if self.master and args.progress_bar:
             from tqdm import tqdm
-            self.bar = tqdm(total=total_steps, initial=self.start_step, desc=self.script, dynamic_ncols=True)
+            self.bar = tqdm(total=self.total_steps, initial=self.start_step, desc=self.script, dynamic_ncols=True)
         if self.master and args.wandb:
             try:
                 import wandb
                 self.wandb = wandb.init(project=args.wandb, config=settings_of(args))
             except ImportError:
                 print("--wandb given but wandb is not installed: logging to log.jsonl only")
-        STOP.requested, STOP.graceful, STOP.saved = False, True, self.last_saved
+        STOP.requested = False
+        STOP.graceful = True
+        STOP.saved = self.last_saved
+        STOP.longest_step = 0.0
+        self.step_end = time.monotonic()
         self.print(f"{self.script}: writing to {os.path.abspath(args.out_dir)} (log.jsonl, checkpoint-NNNNNN)")
         return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "step", "best")}
 
@@ -574,6 +742,9 @@ class Run:
     def end_step(self, step, model, tokenizer, optimizer, scheduler, state, stop=False):
         """After step `step` (0-based): checkpoint every --save-every steps, at the end, at --stop-after, on Ctrl-C,
         when the script says `stop`, and at a new best eval. True when the loop stops here."""
+        now = time.monotonic()
+        STOP.longest_step = max(STOP.longest_step, now - self.step_end)
+        self.step_end = now
         requested = torch.tensor(float(STOP.requested), device=self.device)
         if self.world > 1:
             dist.all_reduce(requested, op=dist.ReduceOp.MAX)  # every rank stops after the same step
@@ -597,16 +768,20 @@ class Run:
                 torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                             "best": self.best, **state}, os.path.join(tmp, "trainer_state.pt"))
                 with open(os.path.join(tmp, "run.json"), "w") as f:
-                    json.dump({"script": self.script, "step": step, "settings": settings_of(self.args)}, f, indent=1)
+                    json.dump({"script": self.script, "step": step, "world": self.world,
+                               "settings": settings_of(self.args)}, f, indent=1)
             if self.world > 1:
                 dist.barrier()
             torch.save(rng_state(), os.path.join(tmp, f"rng_rank{self.rank}.pt"))
         except Exception as e:  # torch, safetensors and the OS each raise their own kind for a full disk
             error = no_space(out_dir, e)
             shutil.rmtree(tmp, ignore_errors=True)
-            if error:
+            if error and self.last_saved:
                 raise UserError(f"{error} while writing {os.path.basename(path)}; removed it. The previous checkpoint "
                                 f"is intact: free some space and continue with --resume {out_dir}") from e
+            if error:
+                raise UserError(f"{error} while writing {os.path.basename(path)}, the run's first checkpoint; removed "
+                                "it. Free some space and start the run again") from e
             raise
         if self.world > 1:
             dist.barrier()
@@ -665,19 +840,28 @@ def graded_samples(tokenizer, records, sampler, n, sampling, thinking, seed, lor
 
 class StopRequest:
     """Ctrl-C (SIGINT) or SIGTERM (a cluster's time limit). While a training loop runs (`graceful`), the first
-    lets the step finish and be saved before the run stops; the second, or any outside a loop, stops at once."""
+    lets the step finish and be saved before the run stops; the second, or any outside a loop, stops at once. A
+    step that does not end within `base_grace` seconds + twice the longest step so far gets the second signal from
+    a timer: a graceful stop never waits for ever (a row that takes minutes, a hung collective)."""
 
     def __init__(self):
-        self.requested = self.graceful = False
+        self.requested = False
+        self.graceful = False
         self.saved = None
+        self.longest_step = 0.0
+        self.base_grace = 60.0
 
     def handle(self, signum, frame):
         if self.requested or not self.graceful:
             intact = f"checkpoint-{self.saved:06d} is intact" if self.saved else "no checkpoint was written yet"
             raise KeyboardInterrupt(f"stopped mid-step; {intact}" if self.graceful else "")
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving and stopping (again to stop now)",
-              flush=True)
+        grace = self.base_grace + 2 * self.longest_step
+        timer = threading.Timer(grace, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()
+        print(f"\n{signal.Signals(signum).name}: finishing this step (for at most {grace:.0f} s), then saving and "
+              "stopping (again to stop now)", flush=True)
 
 
 STOP = StopRequest()

@@ -57,11 +57,15 @@ def teacher_messages(record: dict, context: str = "solution") -> list[dict]:
 # 2. token ids
 
 
+def chat_prompt_text(tokenizer, messages, thinking: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=thinking)
+
+
 def chat_prompt_ids(tokenizer, messages, thinking: bool = False) -> list[int]:
     # render to text first: in transformers 5 apply_chat_template(tokenize=True) returns a dict-like object,
     # and add_special_tokens=False keeps the tokenizer from adding a BOS the template did not ask for
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                         enable_thinking=thinking)
+    text = chat_prompt_text(tokenizer, messages, thinking)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -113,6 +117,53 @@ def cut_reference(tokenizer, record, max_tokens):
     if len(ids) <= max_tokens:
         return record, False
     return {**record, "solution": tokenizer.decode(ids[:max_tokens]) + REFERENCE_CUT}, True
+
+
+def record_prompt_text(tokenizer, record, thinking=False, context=None) -> str:
+    """The text of a record's prompt (before the assistant-prefix alignment of record_prompt_ids)."""
+    if record.get("reference"):  # sft.py's teacher-format example: the reference is in the prompt
+        messages = teacher_messages({**record, "solution": record["reference"]})
+    elif context is None:
+        messages = student_messages(record["problem"])
+    else:
+        messages = teacher_messages(record, context)
+    return chat_prompt_text(tokenizer, messages, thinking)
+
+
+def record_prompt_ids(tokenizer, record, thinking=False, context=None, student_thinking=None,
+                      max_reference_tokens=None) -> list[int]:
+    """A record's prompt ids: the student's, or with a teacher context the teacher's as opsd.py makes it (the
+    reference cut to max_reference_tokens, the assistant prefix the student's); a record with a "reference"
+    (sft.py's teacher-format example): its teacher prompt."""
+    if record.get("reference"):
+        return teacher_prompt_ids(tokenizer, {**record, "solution": record["reference"]}, thinking)
+    if context is None:
+        return student_prompt_ids(tokenizer, record["problem"], thinking)
+    cut_record = cut_reference(tokenizer, record, max_reference_tokens)[0]
+    return teacher_prompt_ids(tokenizer, cut_record, thinking, context, student_thinking)
+
+
+def prompts_too_long(tokenizer, records, room, thinking=False, context=None, student_thinking=None,
+                     max_reference_tokens=None):
+    """[(record, tokens)] for the records whose prompt (record_prompt_ids) is longer than `room` tokens. Only a
+    prompt whose text is longer than `room` bytes is tokenised: a token covers at least one byte of the normalised
+    text, and the aligned assistant prefix adds at most its own length, so a shorter one fits, and a 30,000-row
+    data set is checked in seconds, not tokenised whole."""
+    normalizer = tokenizer.backend_tokenizer.normalizer
+    slack = 0
+    if context is not None and student_thinking is not None and student_thinking != thinking:
+        slack = len(assistant_prefix(tokenizer, student_thinking))
+    too_long = []
+    for record in records:
+        text = record_prompt_text(tokenizer, record, thinking, context)
+        if normalizer is not None:
+            text = normalizer.normalize_str(text)
+        if len(text.encode("utf-8")) + slack <= room:
+            continue
+        length = len(record_prompt_ids(tokenizer, record, thinking, context, student_thinking, max_reference_tokens))
+        if length > room:
+            too_long.append((record, length))
+    return too_long
 
 
 def stop_token_ids(tokenizer, model_path=None) -> list[int]:

@@ -38,7 +38,8 @@ def get_parser():
                                       "sft")
     group = parser.add_argument_group("SFT")
     group.add_argument("--from-scratch", action="store_true", help="random init from --model's config (full fine-tune)")
-    group.add_argument("--max-length", type=plumbing.positive_int, default=16384, help="prompt + solution tokens (cut)")
+    group.add_argument("--max-length", type=plumbing.positive_int, default=None,
+                       help="prompt + solution tokens, longer solutions cut (default: the model's context)")
     group.add_argument("--stop-at-eval-avg", type=plumbing.fraction, default=None,
                        help="save and stop at the first periodic eval whose avg reaches this")
     parser.set_defaults(batch_size=64, epochs=4.0, lr=2e-5)  # the paper's SFT settings
@@ -49,14 +50,12 @@ def get_parser():
 
 
 def tokenize_examples(records, tokenizer, thinking, max_length):
+    """(prompt ids, target ids) per record: the student prompt, or the teacher prompt for a teacher-format example
+    (a "reference" in the prompt); the solution cut to what max_length leaves (the checks left at least 1 token)."""
     examples = []
     for record in records:
-        if record.get("reference"):  # teacher format: the reference is in the prompt
-            context = {"problem": record["problem"], "solution": record["reference"]}
-            prompt = prompts.teacher_prompt_ids(tokenizer, context, thinking)
-        else:
-            prompt = prompts.student_prompt_ids(tokenizer, record["problem"], thinking)
-        target = prompts.completion_ids(tokenizer, record["solution"])[:max(1, max_length - len(prompt))]
+        prompt = prompts.record_prompt_ids(tokenizer, record, thinking)
+        target = prompts.completion_ids(tokenizer, record["solution"])[:max_length - len(prompt)]
         examples.append((prompt, target))
     return examples
 
@@ -93,16 +92,23 @@ def main(argv=None):
     dtype = plumbing.compute_dtype(args.dtype, device)
     # 3. data: problems with a reference solution, tokenized once
     records = prompts.load_records(args.data, args.split, require=("problem", "solution"), limit=args.max_problems)
+    tokenizer = plumbing.load_tokenizer(args.model)
+    context = getattr(plumbing.model_config(args.model), "max_position_embeddings", None)
+    if args.max_length is not None and context is not None and args.max_length > context:
+        raise prompts.UserError(f"--max-length {args.max_length}: the model's context is {context:,} positions")
+    max_length = args.max_length or context or 16384  # a model that states no context: 16,384
+    too_long = prompts.prompts_too_long(tokenizer, records, max_length - 1, args.thinking)  # >= 1 solution token
+    records = plumbing.fit_to_context(records, too_long, args, "prompt", max_length - 1, "raise --max-length")
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(records) / args.batch_size))
-    run = plumbing.Run(args, "sft", rank, world, device)
+    run = plumbing.Run(args, "sft", rank, world, device, total_steps)
     # 4. model (random init with --from-scratch), the optimizer, and on --resume the checkpoint's state
     torch.manual_seed(args.seed)
     model, tokenizer = opsd.load_model(args.model, device, dtype, opsd.lora_config(args), args.from_scratch,
                                        args.grad_checkpointing)
-    examples = tokenize_examples(records, tokenizer, args.thinking, args.max_length)
+    examples = tokenize_examples(records, tokenizer, args.thinking, max_length)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = opsd.make_optimizer(args, params, total_steps)
-    state = run.restore(model, optimizer, scheduler, total_steps)
+    state = run.restore(model, optimizer, scheduler)
     trained_total = state.get("trained_tokens", 0)
     # 5. a sampler only for --eval-every, and the token NLL (compiled)
     sampler = None

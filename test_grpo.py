@@ -24,8 +24,9 @@ def world(tmp_path_factory):
 
 
 def run_args(world, out_dir, *extra):
+    adapter = [] if "--full-finetune" in extra else ["--lora-r", "8", "--lora-alpha", "16"]
     return ["--model", world["model"], "--data", world["data"], "--batch-size", "2", "--group-size", "4",
-            "--micro-batch-size", "3", "--max-new-tokens", "16", "--lora-r", "8", "--lora-alpha", "16",
+            "--micro-batch-size", "3", "--max-new-tokens", "16", *adapter,
             "--lr", "1e-2", "--warmup-ratio", "0", "--no-compile", "--out-dir", str(out_dir), *extra]
 
 

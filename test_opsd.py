@@ -8,6 +8,7 @@ import glob
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -41,9 +42,9 @@ def world(tmp_path_factory):
 
 def run_args(world, out_dir, *extra):
     """argv for a short opsd.main run on the tiny model (high lr, so a few steps visibly move the adapter)."""
+    adapter = [] if "--full-finetune" in extra else ["--lora-r", "8", "--lora-alpha", "16"]
     return ["--model", world["model"], "--data", world["data"], "--batch-size", "4", "--micro-batch-size", "2",
-            "--max-new-tokens", "16", "--lora-r", "8", "--lora-alpha", "16", "--lr", "1e-2", "--no-compile",
-            "--out-dir", str(out_dir), *extra]
+            "--max-new-tokens", "16", *adapter, "--lr", "1e-2", "--no-compile", "--out-dir", str(out_dir), *extra]
 
 
 TEMPERATURE = 1.1  # opsd.py's default: not 1, so the scaling of both logits is exercised
@@ -667,6 +668,32 @@ def test_ranks_take_disjoint_shares_of_the_global_batch_and_every_problem_once_a
     epoch = [i for step in range(5) for i in opsd.batch_indices(20, step, 4, 0, 0, 1)]
     assert sorted(epoch) == list(range(20)) and epoch != list(range(20))  # a shuffled permutation
     assert opsd.batch_indices(20, 0, 4, 1, 0, 1) != opsd.batch_indices(20, 0, 4, 0, 0, 1)  # the seed matters
+    second = [i for step in range(5, 10) for i in opsd.batch_indices(20, step, 4, 0, 0, 1)]
+    assert sorted(second) == list(range(20)) and second != epoch  # every epoch is shuffled anew
+
+
+def test_a_problems_rollout_seed_depends_on_the_step(world, tmp_path, monkeypatch):
+    """The seed of a problem's rollout is (run seed, step, problem): the same problem drawn at another step (here
+    every step: 4 problems, 4 a step) is sampled with another seed, and a second run repeats the first's seeds."""
+    rows = toy.make_records("train", 4, 0)
+    data = tmp_path / "four.jsonl"
+    toy.write_jsonl(str(data), rows)
+    seen = []
+    real = samplers.HFSampler.generate
+
+    def recording(sampler, prompt_ids, n, sampling, seeds, lora_request=None):
+        seen.append(list(seeds))
+        return real(sampler, prompt_ids, n, sampling, seeds, lora_request)
+    monkeypatch.setattr(samplers.HFSampler, "generate", recording)
+    for name in ("one", "two"):
+        argv = run_args(world, tmp_path / name, "--max-steps", "3")
+        argv[argv.index("--data") + 1] = str(data)
+        opsd.main(argv)
+    first, second = seen[:3], seen[3:]
+    assert first == second  # reproducible
+    by_step = [dict(zip(opsd.batch_indices(4, step, 4, 0, 0, 1), first[step])) for step in range(3)]
+    for problem in range(4):
+        assert len({seeds[problem] for seeds in by_step}) == 3, problem
 
 
 DDP_WRAPPER = textwrap.dedent("""
@@ -709,6 +736,12 @@ def test_two_ranks_end_with_identical_weights(world, tmp_path):
         if os.path.exists(tmp_path / "run" / "rollouts.rank0.jsonl") else []
     assert rows == []  # --save-rollouts-every 10 > 2 steps: no rows yet
     assert [r["generated_tokens_total"] for r in log(tmp_path / "run")][-1] > 0
+    # one rank with the same global batch: the same problems, rollouts (seeded per problem) and loss. Adam hides a
+    # gradient's scale in the weights, so the logged gradient norm is what shows that the sync averages (not sums)
+    opsd.main(run_args(world, tmp_path / "alone", "--max-steps", "2", "--save-every", "1"))
+    for two, one in zip(log(tmp_path / "run"), log(tmp_path / "alone")):
+        for key in ("loss", "grad_norm", "divergence", "generated_tokens", "rollout_len"):
+            assert two[key] == pytest.approx(one[key], rel=1e-4), key
 
 # -----------------------------------------------------------------------------
 # 7. resume and the non-finite stops
@@ -730,8 +763,11 @@ def stop_after_checkpoint(monkeypatch, at_step, action):
     monkeypatch.setattr(plumbing.Run, "save", save)
 
 
-def test_resume_continues_exactly_and_the_rollouts_file_holds_each_step_once(world, tmp_path, monkeypatch):
-    argv = ["--max-steps", "4", "--save-every", "2", "--save-rollouts-every", "1"]
+@pytest.mark.parametrize("dropout", [[], ["--lora-dropout", "0.3"]], ids=["plain", "lora_dropout"])
+def test_resume_continues_exactly_and_the_rollouts_file_holds_each_step_once(world, tmp_path, monkeypatch, dropout):
+    """kill after step 3 (its checkpoint at 2), resume: the same adapter and rows, bit for bit. With LoRA dropout the
+    student pass draws from the global RNG: the checkpoint's RNG state must come back too."""
+    argv = ["--max-steps", "4", "--save-every", "2", "--save-rollouts-every", "1", *dropout]
     opsd.main(run_args(world, tmp_path / "straight", *argv))
     with monkeypatch.context() as patch:  # the same run, killed right after its step-2 checkpoint... and after step 3
         # eval_due comes after step 3's log and rollouts are written: a resume must cut both back to step 2
@@ -771,6 +807,29 @@ def test_resume_from_an_earlier_checkpoint_logs_each_step_once(world, tmp_path):
     assert [r["generated_tokens_total"] for r in again] == [r["generated_tokens_total"] for r in first]
     counts = [r["generated_tokens"] for r in first]
     assert [r["generated_tokens_total"] for r in first] == [sum(counts[:i + 1]) for i in range(4)] and counts[0] > 0
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_stops_before_the_update():
+    """The non-finite check looks at the gradient norm too: one inf gradient entry and a finite loss stop the step
+    before the optimizer moves any weight."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    weight.grad = torch.tensor([0.1, math.inf, 0.2])
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: 1.0)
+    with pytest.raises(plumbing.NonFinite, match=r"step 7: loss 0\.5, grad norm inf: stopping before the update"):
+        opsd.update([weight], optimizer, scheduler, 1.0, 1, 6, 0.5)
+    assert torch.equal(weight.detach(), torch.ones(3))
+
+
+def test_a_run_that_goes_non_finite_is_one_line_and_exit_status_3(world, tmp_path):
+    """--lr 1e30: the weights blow up within a step or two; the run stops with one line (no traceback), exit 3."""
+    argv = run_args(world, tmp_path / "run", "--max-steps", "4", "--lr", "1e30", "--warmup-ratio", "0")
+    result = subprocess.run([sys.executable, "opsd.py", *argv], cwd=HERE, env=ENV, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 3, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: step \d: .*(non-finite|grad norm (nan|inf)).*checkpoints are intact", last), last
+    assert "Traceback" not in result.stderr
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(world, tmp_path, monkeypatch):
@@ -824,22 +883,76 @@ def test_the_step_log_carries_the_diagnostics(world, tmp_path):
         assert 0 < summary[key] < summary["time_step"], key
 
 
-def test_a_long_reference_is_cut_and_counted_and_a_prompt_past_the_context_is_named(world, tmp_path):
-    rows = toy.make_records("train", 4, 0)
-    rows[1]["solution"] = "7*6+0=42\n" * 400 + "\\boxed{42}"  # ~4,000 tokens: past the tiny model's 1,024 positions
-    data = tmp_path / "long.jsonl"
-    toy.write_jsonl(str(data), rows)
-    argv = run_args(world, tmp_path / "cut", "--max-steps", "1", "--max-reference-tokens", "64")
-    argv[argv.index("--data") + 1] = str(data)
-    assert opsd.main(argv)["references_cut"] == 1
+def test_the_mismatch_is_the_absolute_difference_and_truncated_counts_only_rollouts_cut_short(world, tmp_path,
+                                                                                              monkeypatch):
+    """Rollouts made to order (length, last token, and a sampler log-prob off by +0.25 or -0.25 from the student
+    pass's): mismatch_mean and mismatch_max are 0.25, not ~0 (a signed mean cancels); `truncated` counts a rollout
+    of exactly --max-new-tokens only when its last token is not a stop id."""
+    stop = prompts.stop_token_ids(world["tokenizer"], world["model"])[0]
+    real = samplers.HFSampler.generate
+
+    def made_to_order(sampler, prompt_ids, n, sampling, seeds, lora_request=None):
+        samples = real(sampler, prompt_ids, n, sampling, seeds, lora_request)  # 16 tokens each: a random tiny model
+        ordered = []
+        for i, [sample] in enumerate(samples):
+            ids = sample.ids[:16]
+            if i == 1:
+                ids = ids[:15] + [stop]  # full length, stopped: not cut short
+            if i == 2:
+                ids = ids[:9] + [stop]  # stopped early
+            with torch.no_grad():  # the student pass's log-probs of these tokens, at the run's temperature (1.1)
+                batch = opsd.build_batch([prompt_ids[i]], [ids], world["tokenizer"].pad_token_id, CPU)
+                logits = opsd.completion_hidden(sampler.model, batch) @ opsd.lm_parts(sampler.model)[1].T
+                logp = (logits / 1.1).log_softmax(-1).gather(-1, batch["targets"][:, None])[:, 0]
+            offsets = torch.tensor([0.25 if j % 2 else -0.25 for j in range(len(ids))])
+            ordered.append([samplers.Sample(ids, (logp + offsets).tolist())])
+        return ordered
+    monkeypatch.setattr(samplers.HFSampler, "generate", made_to_order)
+    summary = opsd.main(run_args(world, tmp_path, "--max-steps", "1"))
+    assert summary["mismatch_mean"] == pytest.approx(0.25, abs=1e-4)
+    assert summary["mismatch_max"] == pytest.approx(0.25, abs=1e-4)
+    assert summary["truncated"] == 0.5  # rollouts 0 and 3 of 4: full length, no stop id
+
+
+def test_a_row_past_the_context_is_named_before_the_model_loads_and_the_advice_works(world, tmp_path, monkeypatch):
+    """A reference or a problem too long for the model's 1,024 positions (with the rollout's 16) is one error naming
+    the row, before the model loads (not when its step comes); the two ways out it names both work: the cut
+    (--max-reference-tokens, counted in the log) for a reference, dropping the row (--drop-long-rows) for either."""
+    rows = toy.make_records("train", 6, 0)
+    rows[1]["solution"] = "7*6+0=42\n" * 400 + "\\boxed{42}"  # ~4,000 tokens
+    long_reference = tmp_path / "long_reference.jsonl"
+    toy.write_jsonl(str(long_reference), rows)
+    rows[4]["problem"] = "What is " + "7*" * 700 + "6?"  # a problem past the context: no cut can help
+    long_problem = tmp_path / "long_problem.jsonl"
+    toy.write_jsonl(str(long_problem), rows)
+
+    def argv(name, data, *extra):
+        args = run_args(world, tmp_path / name, "--max-steps", "2", "--save-rollouts-every", "1", *extra)
+        args[args.index("--data") + 1] = str(data)
+        return args
+    real_load = opsd.load_model
+    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model loaded before the data check"))
+    with pytest.raises(prompts.UserError, match=r"long_reference\.jsonl: row 1: the teacher prompt \([\d,]+ tokens\) "
+                       r"is over the 1,008 that fit \(1 row\(s\) in all\); cut the reference with "
+                       r"--max-reference-tokens, or drop such rows with --drop-long-rows"):
+        opsd.main(argv("reference", long_reference))
+    with pytest.raises(prompts.UserError, match=r"long_problem\.jsonl: row 4: the student prompt .* lower "
+                                                r"--max-new-tokens, or drop such rows with --drop-long-rows"):
+        opsd.main(argv("problem", long_problem, "--max-reference-tokens", "64"))
+    monkeypatch.setattr(opsd, "load_model", real_load)
+    assert not (tmp_path / "reference").exists() and not (tmp_path / "problem").exists()
+    opsd.main(argv("cut", long_reference, "--max-reference-tokens", "64"))
+    saved = [json.loads(line) for line in open(tmp_path / "cut" / "rollouts.jsonl")]
+    assert sum(r["references_cut"] for r in log(tmp_path / "cut")) == sum(r["problem_id"] == 1 for r in saved) >= 1
     record, cut = prompts.cut_reference(world["tokenizer"], rows[1], 64)
     assert cut and record["solution"].endswith(prompts.REFERENCE_CUT) and record["problem"] == rows[1]["problem"]
-    argv = run_args(world, tmp_path / "long", "--max-steps", "1")
-    argv[argv.index("--data") + 1] = str(data)
-    message = r"long\.jsonl: row 1: the teacher prompt .* exceed the model's 1,024-position context; cut the " \
-              r"reference with --max-reference-tokens"
-    with pytest.raises(prompts.UserError, match=message):
-        opsd.main(argv)
+    kept = record["solution"].removesuffix(prompts.REFERENCE_CUT)
+    assert rows[1]["solution"].startswith(kept) and "boxed" not in kept  # the start is kept, the end (the answer) cut
+    assert len(world["tokenizer"](kept, add_special_tokens=False)["input_ids"]) == 64
+    opsd.main(argv("dropped", long_problem, "--drop-long-rows"))  # both long rows go
+    saved = [json.loads(line) for line in open(tmp_path / "dropped" / "rollouts.jsonl")]
+    assert {r["problem_id"] for r in saved} == {0, 2, 3, 5}
+
 
 def test_the_loss_is_the_mean_over_rollouts_of_each_rollouts_mean_divergence(world, tmp_path, monkeypatch):
     """Eq. 5's scale, from an independent path: the logged loss (no clip) equals the plain mean, over the step's

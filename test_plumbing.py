@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from types import SimpleNamespace
 
@@ -39,14 +40,15 @@ def world(tmp_path_factory):
 
 
 def opsd_args(world, out_dir, *extra):
+    adapter = [] if "--full-finetune" in extra else ["--lora-r", "8", "--lora-alpha", "16"]
     return ["--model", world["model"], "--data", world["data"], "--batch-size", "2", "--micro-batch-size", "2",
-            "--max-new-tokens", "8", "--lora-r", "8", "--lora-alpha", "16", "--lr", "1e-2", "--no-compile",
-            "--out-dir", str(out_dir), *extra]
+            "--max-new-tokens", "8", *adapter, "--lr", "1e-2", "--no-compile", "--out-dir", str(out_dir), *extra]
 
 
 def sft_args(world, out_dir, *extra):
+    adapter = [] if "--full-finetune" in extra or "--from-scratch" in extra else ["--lora-r", "8", "--lora-alpha", "16"]
     return ["--model", world["model"], "--data", world["data"], "--batch-size", "2", "--micro-batch-size", "2",
-            "--lora-r", "8", "--lora-alpha", "16", "--no-compile", "--out-dir", str(out_dir), *extra]
+            *adapter, "--no-compile", "--out-dir", str(out_dir), *extra]
 
 
 def checkpoints(out_dir):
@@ -327,14 +329,15 @@ FLOAT_OPTIONS = [a.option_strings[0] for a in opsd.get_parser()._actions
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--batch-size", "0"], "argument --batch-size: must be a finite number in [1, inf], got 0"),
-    (["--micro-batch-size", "0"], "argument --micro-batch-size: must be a finite number in [1, inf]"),
-    (["--chunk-size", "0"], "argument --chunk-size: must be a finite number in [1, inf]"),
-    (["--save-every", "0"], "argument --save-every: must be a finite number in [1, inf]"),
-    (["--keep", "0"], "argument --keep: must be a finite number in [1, inf]"),
+    (["--batch-size", "0"], "argument --batch-size: must be a finite number >= 1, got 0"),
+    (["--micro-batch-size", "0"], "argument --micro-batch-size: must be a finite number >= 1"),
+    (["--chunk-size", "0"], "argument --chunk-size: must be a finite number >= 1"),
+    (["--save-every", "0"], "argument --save-every: must be a finite number >= 1"),
+    (["--keep", "0"], "argument --keep: must be a finite number >= 1"),
+    (["--lr", "0"], "argument --lr: must be a finite number > 0.0, got 0"),
     (["--temperature", "-1"], "argument --temperature: must be a finite number in [0.0, 2.0], got -1"),
     (["--temperature", "2.5"], "argument --temperature: must be a finite number in [0.0, 2.0]"),
-    (["--sampling-top-k", "-5"], "argument --sampling-top-k: must be a finite number in [0, inf]"),
+    (["--sampling-top-k", "-5"], "argument --sampling-top-k: must be a finite number >= 0"),
     (["--top-p", "0"], "argument --top-p: must be a finite number in (0.0, 1.0]"),
     (["--beta", "1.5"], "argument --beta: must be a finite number in [0.0, 1.0]"),
     (["--top-k", "5"], "unrecognized arguments: --top-k 5"),  # the old, ambiguous name is gone
@@ -472,3 +475,198 @@ def test_a_full_checkpoint_missing_a_weight_is_an_error_that_names_it(world, tmp
     save_file(state, path, metadata={"format": "pt"})
     with pytest.raises(prompts.UserError, match=r"missing \['model\.layers\.0\.mlp\.up_proj\.weight'\]"):
         plumbing.load_weights(checkpoint, model)
+
+# -----------------------------------------------------------------------------
+# 7. every user error one line; options that would do nothing; the checks behind the numbers
+
+
+def test_a_torn_or_foreign_run_json_is_one_line_naming_it(world, tmp_path):
+    out = tmp_path / "run"
+    opsd.main(opsd_args(world, out, "--max-steps", "2", "--save-every", "1"))
+    run_json = out / "checkpoint-000002" / "run.json"
+    for damage, why in [(lambda text: text[:len(text) // 2], "JSONDecodeError"),
+                        (lambda text: json.dumps({"step": 2}), "no 'script' and 'settings'")]:
+        original = run_json.read_text()
+        run_json.write_text(damage(original))
+        message = rf"--resume: .*checkpoint-000002/run\.json is unreadable \(.*{why}.*" \
+            r"resume from the one before it: --resume .*checkpoint-000001"
+        with pytest.raises(prompts.UserError, match=message):
+            opsd.main(opsd_args(world, out, "--max-steps", "2", "--save-every", "1", "--resume", str(out)))
+        run_json.write_text(original)
+
+
+def test_an_out_dir_that_cannot_be_written_is_one_line(world, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(prompts.UserError, match=r"--out-dir .*a_file/run: cannot be created or written \(Not a "
+                                                r"directory\)"):
+        opsd.main(opsd_args(world, tmp_path / "a_file" / "run", "--max-steps", "1"))
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(read_only)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        with pytest.raises(prompts.UserError, match=r"read_only/run: cannot be created or written \(Read-only file "
+                                                    r"system\)"):
+            opsd.main(opsd_args(world, read_only / "run", "--max-steps", "1"))
+    finally:
+        subprocess.run(["umount", "--lazy", str(read_only)], check=True)
+
+
+def test_a_model_id_that_cannot_be_reached_is_one_line(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as no network: at once, where the real hub retries for ~25 s
+    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(prompts.UserError, match=r"--model nobody-here/no-such-model: cannot be loaded \(.*\); download "
+                                                r"it while online, or pass a local directory"):
+        opsd.main(["--model", "nobody-here/no-such-model", "--data", world["data"], "--out-dir", str(tmp_path / "o")])
+    with pytest.raises(prompts.UserError, match=r"--loss-top-k 100000: the model has [\d,]+ logits a position"):
+        opsd.main(opsd_args(world, tmp_path / "o", "--loss-top-k", "100000"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_resuming_from_the_out_dir_of_a_live_run_is_refused(world, tmp_path):
+    """Its rotation could delete the checkpoint while this run loads it (seen: FileNotFoundError midway)."""
+    import fcntl
+    out = tmp_path / "run"
+    opsd.main(opsd_args(world, out, "--max-steps", "3", "--save-every", "1", "--stop-after", "2"))
+    with open(out / ".lock", "a+") as live:  # what a live run holds
+        fcntl.flock(live, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(prompts.UserError, match=r"--resume: a live run is still writing in .*run, and its rotation "
+                                                    r"may delete the checkpoint while it loads"):
+            opsd.main(opsd_args(world, tmp_path / "other", "--max-steps", "3", "--resume", str(out)))
+    summary = opsd.main(opsd_args(world, tmp_path / "other", "--max-steps", "3", "--resume", str(out)))
+    assert summary["step"] == 3  # with the run over, the same resume goes on
+
+
+def test_the_same_model_by_another_path_resumes_and_a_changed_world_or_unknown_setting_is_said(world, tmp_path,
+                                                                                              monkeypatch, capsys):
+    out = tmp_path / "run"
+    opsd.main(opsd_args(world, out, "--max-steps", "2", "--save-every", "1", "--stop-after", "1"))
+    run_json = out / "checkpoint-000001" / "run.json"
+    saved = json.loads(run_json.read_text())
+    saved["world"] = 2
+    saved["settings"]["a_retired_option"] = 3
+    run_json.write_text(json.dumps(saved))
+    monkeypatch.chdir(os.path.dirname(world["model"]))
+    argv = opsd_args(world, out, "--max-steps", "2", "--save-every", "1", "--resume", str(out))
+    argv[argv.index("--model") + 1] = "./" + os.path.basename(world["model"]) + "/"  # the same directory
+    assert opsd.main(argv)["step"] == 2
+    printed = capsys.readouterr().out
+    assert "written by 2 rank(s), resumed on 1: the run goes on, but not bit for bit" in printed
+    assert "has settings this version does not know, ignored: a_retired_option" in printed
+
+
+NO_OPS = [  # (script, argv, message): options given that cannot act in that combination
+    ("opsd", ["--temperature", "0", "--sampling-top-k", "5"], "--sampling-top-k does nothing with --temperature 0"),
+    ("opsd", ["--temperature", "0", "--top-p", "0.9"], "--top-p does nothing with --temperature 0"),
+    ("opsd", ["--full-finetune", "--lora-dropout", "0.1"], "--lora-dropout does nothing with --full-finetune"),
+    ("opsd", ["--full-finetune", "--lora-targets", "q_proj"], "--lora-targets does nothing with --full-finetune"),
+    ("opsd", ["--teacher-context", "answer", "--max-reference-tokens", "64"],
+     "--max-reference-tokens does nothing unless the teacher sees the solution"),
+    ("opsd", ["--max-steps", "1", "--stop-after", "5"], "--stop-after 5 does nothing: the run has 1 steps"),
+    ("opsd", ["--eval-samples", "4"], "--eval-samples does nothing without --eval-every"),
+    ("opsd", ["--eval-data", "x.jsonl"], "--eval-data does nothing without --eval-every"),
+    ("opsd", ["--eval-every", "1", "--eval-data", "DATA", "--eval-samples", "4"],
+     "--eval-samples does nothing above 1 with --eval-temperature 0"),
+    ("opsd", ["--max-steps", "2", "--epochs", "3"], "--epochs does nothing with --max-steps"),
+    ("opsd", ["--split", "test"], "--split does nothing with a local --data file"),
+    ("opsd", ["--resume", "x", "--overwrite"], "--resume and --overwrite: give one"),
+    ("grpo", ["--ppo-clip-eps", "0.3"], "--ppo-clip-eps does nothing with --ppo-epochs 1"),
+    ("sft", ["--from-scratch", "--lora-r", "8"], "--lora-r does nothing with --full-finetune"),
+]
+
+
+@pytest.mark.parametrize("script,argv,message", NO_OPS, ids=[" ".join(a) for _, a, _ in NO_OPS])
+def test_an_option_that_would_do_nothing_is_an_error_naming_it(world, tmp_path, monkeypatch, script, argv, message):
+    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    module = {"opsd": opsd, "grpo": grpo, "sft": sft}[script]
+    argv = [world["data"] if a == "DATA" else a for a in argv]
+    with pytest.raises(prompts.UserError, match=re.escape(message)):
+        module.main(["--model", world["model"], "--data", world["data"], "--max-new-tokens", "16",
+                     "--out-dir", str(tmp_path / "out"), *argv])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_preset_or_a_default_that_cannot_act_is_no_error(world, tmp_path, capsys):
+    """Only what the user gave is refused: --preset authors samples with top-k 20 and top-p 0.95, and a greedy
+    run of it uses neither; a launcher's --vllm-gpu-memory under the HF sampler is a note."""
+    args = plumbing.parse_config(opsd.get_parser(), ["--preset", "authors", "--model", world["model"],
+                                                     "--temperature", "0", "--vllm-gpu-memory", "0.5",
+                                                     "--sampler", "hf"])
+    assert args.sampling_top_k == 20 and args.temperature == 0
+    assert "note: --vllm-gpu-memory has no effect: the HF sampler samples here" in capsys.readouterr().out
+
+
+OVER_RANKS = textwrap.dedent("""
+    import json, sys
+    import torch
+    import torch.distributed as dist
+    import plumbing
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    out = plumbing.over_ranks(2, torch.device("cpu"), sums={"tokens": 3 + rank}, means={"acc": 0.25 + rank / 2},
+                              maxima={"worst": [0.5, 4.0][rank]})
+    json.dump(out, open(sys.argv[1] + f"/rank{rank}.json", "w"))
+    dist.destroy_process_group()
+""")
+
+
+def test_over_ranks_adds_sums_averages_means_and_takes_the_largest_maximum(tmp_path):
+    script = tmp_path / "over_ranks.py"
+    script.write_text(OVER_RANKS)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               str(tmp_path)]
+    result = subprocess.run(command, cwd=HERE, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in range(2):
+        out = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert out == {"tokens": 7.0, "acc": 0.5, "worst": 4.0}
+
+
+def test_a_full_disk_at_the_first_checkpoint_does_not_claim_an_earlier_one(world, small_disk, monkeypatch):
+    out, filler = small_disk / "run", small_disk / "filler"
+    real = plumbing.Run.save
+
+    def fill_first(run, step, *rest):
+        with open(filler, "wb") as f:
+            f.write(b"\0" * (shutil.disk_usage(small_disk).free - 20_000))
+        return real(run, step, *rest)
+    monkeypatch.setattr(plumbing.Run, "save", fill_first)
+    with pytest.raises(prompts.UserError, match=r"no space left on the device .* while writing checkpoint-000002, the "
+                                                r"run's first checkpoint; removed it\. Free some space and start the "
+                                                r"run again"):
+        sft.main(sft_args(world, out, "--max-steps", "4", "--save-every", "2"))
+    assert checkpoints(out) == []
+
+
+HANGING_STEP = textwrap.dedent("""
+    import sys, time
+    import opsd, plumbing
+    plumbing.STOP.base_grace = 2.0
+    real = opsd.update
+    def update(params, optimizer, scheduler, max_grad_norm, world, step, loss):
+        while step == 2:  # the third step never ends (a row that takes hours, a hung collective)
+            time.sleep(0.1)
+        return real(params, optimizer, scheduler, max_grad_norm, world, step, loss)
+    opsd.update = update
+    plumbing.run_script(opsd.main)
+""")
+
+
+def test_a_graceful_stop_gives_up_on_a_step_that_does_not_end(world, tmp_path):
+    """SIGTERM lets the step finish and be saved, but not for ever: past base_grace + twice the longest step so far,
+    the run stops at once, as a second signal would, and says the last checkpoint is intact."""
+    script = tmp_path / "hanging.py"
+    script.write_text(HANGING_STEP)
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, str(script), *opsd_args(world, out, "--max-steps", "10",
+                                                                       "--save-every", "1")],
+                               cwd=HERE, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(out, 2, process)
+    time.sleep(0.5)  # into the third step
+    started = time.time()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert time.time() - started < 30
+    assert stderr.strip().splitlines()[-1] == "interrupted: stopped mid-step; checkpoint-000002 is intact"

@@ -133,9 +133,10 @@ def one_step(tiny, tmp_path, monkeypatch, dtype, *extra):
         return result
     monkeypatch.setattr(opsd, "update", update)
     d, _, data = tiny
-    record = sft.main(["--model", d, "--data", data, "--batch-size", "4", "--micro-batch-size", "2", "--lora-r", "8",
-                       "--lora-alpha", "16", "--max-steps", "1", "--no-compile", "--dtype", dtype,
-                       "--out-dir", str(tmp_path / dtype), *extra])
+    adapter = [] if "--full-finetune" in extra else ["--lora-r", "8", "--lora-alpha", "16"]
+    record = sft.main(["--model", d, "--data", data, "--batch-size", "4", "--micro-batch-size", "2", *adapter,
+                       "--max-steps", "1", "--no-compile", "--dtype", dtype, "--out-dir", str(tmp_path / dtype),
+                       *extra])
     return record, captured
 
 

@@ -10,6 +10,7 @@ import importlib.util
 
 import pytest
 
+import opsd
 import prompts
 import qwen3_shapes
 
@@ -86,7 +87,6 @@ def test_padding_ids_decode_to_nothing(tokenizer):
 
 
 def test_epistemic_words_are_counted_in_decoded_text(tokenizer):
-    import opsd
     text = "Wait, but perhaps 2+3=6? Hmm, maybe not. Let me check: 2+3=5. Waiting is not a word we count."
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     decoded = tokenizer.decode(ids, skip_special_tokens=True)

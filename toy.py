@@ -217,12 +217,11 @@ def warmstart_records(n, references="own", seed=0):
 # a whole step on CPU; no torch.compile (at a vocabulary of ~400 it costs more than it saves: README).
 
 COMMON = dict(lora_r=16, lora_alpha=32, lr=1e-3, warmup_ratio=0.1, max_new_tokens=96, temperature=1.0, thinking=False,
-              micro_batch_size=32, chunk_size=4096, save_every=50, eval_every=50, eval_samples=1, eval_temperature=0.0,
-              sampler="hf", compile=False)
+              micro_batch_size=32, chunk_size=4096, save_every=50, eval_every=50, sampler="hf", compile=False)
 PRESETS = {"opsd": dict(COMMON, batch_size=32, max_steps=150),
            "grpo": dict(COMMON, batch_size=4, group_size=8, max_steps=150, lr=3e-4),
            "sft": dict(COMMON, batch_size=32, max_steps=150),
-           "eval": dict(samples=1, temperature=0.0, top_p=1.0, max_new_tokens=96, thinking=False, sampler="hf")}
+           "eval": dict(samples=1, temperature=0.0, max_new_tokens=96, thinking=False, sampler="hf")}
 SCRIPTS = {"opsd": opsd, "grpo": grpo, "sft": sft, "eval": evaluation}
 
 
@@ -235,14 +234,16 @@ def paths(references="own", cache=None):
              ("validation", "validation.jsonl"), ("test", "test.jsonl"), ("warmstart", "warmstart.jsonl")]}
 
 
-def script_argv(script, references="own"):
+def script_argv(script, references="own", periodic_eval=True):
     """A script's toy settings as command-line flags (flags given after them win): the warm start as --model, the
-    train (eval: test) split as --data, the test split as --eval-data, and PRESETS."""
+    train (eval: test) split's file as --data, the test split's as --eval-data (with periodic_eval), and PRESETS."""
     p = paths(references)
     values = dict(PRESETS[script], model=p["warm"], data=p["test" if script == "eval" else "train"],
                   out_dir=f"runs/toy{'' if references == 'own' else '-' + references}/{script}")
-    if script != "eval":
-        values.update(split="train", eval_data=p["test"])
+    if script != "eval" and periodic_eval:
+        values.update(eval_data=p["test"])
+    if script != "eval" and not periodic_eval:
+        del values["eval_every"]
     argv = []
     for key, value in values.items():
         flag = "--" + key.replace("_", "-")
@@ -288,7 +289,7 @@ def prepare(references="own", target=0.40, check_every=25, max_steps=600, n_trai
     print(f"toy: training the {references}-reference warm start from scratch: a {max_steps}-step schedule, stopped "
           f"once the student solves {target:.0%} of the validation problems (greedy, checked every {check_every} "
           "steps)", flush=True)
-    sft.main(["--model", p["base"], "--from-scratch", "--data", p["warmstart"], "--split", "train", "--max-steps",
+    sft.main(["--model", p["base"], "--from-scratch", "--data", p["warmstart"], "--max-steps",
               str(max_steps), "--batch-size", "64", "--micro-batch-size", "16", "--lr", "3e-3", "--warmup-ratio",
               "0.05", "--weight-decay", "0.01", "--chunk-size", "8192", "--out-dir", out, "--save-every",
               str(max_steps),
@@ -368,8 +369,8 @@ def main(argv=None):
     steps = args.steps or (4 if args.quick else PRESETS["opsd"]["max_steps"])
     extra = ["--batch-size", "8", "--micro-batch-size", "8"] if args.quick else []
     # the demo's own out dir, replaced each time (--overwrite): `python toy.py opsd` writes elsewhere
-    summary = opsd.main(script_argv("opsd", args.references) + [
-        "--max-steps", str(steps), "--out-dir", out_dir, "--overwrite", "--eval-every", "0", "--seed", str(args.seed),
+    summary = opsd.main(script_argv("opsd", args.references, periodic_eval=False) + [
+        "--max-steps", str(steps), "--out-dir", out_dir, "--overwrite", "--seed", str(args.seed),
         "--save-every", str(steps), "--progress-bar"] + extra)
     after = accuracy(p["warm"], p["test"], adapter=plumbing.follow_latest(out_dir))
     result = {"student_before": before, "student_after": after, "teacher": teacher, "steps": steps,
