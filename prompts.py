@@ -159,21 +159,32 @@ class UserError(ValueError):
 
 
 def read_jsonl(path: str, torn_tail_ok: bool = False) -> tuple[list[dict], int]:
-    """(rows, bytes of complete lines) of a JSON-lines file; a bad line is an error naming the file and line.
-    torn_tail_ok: a last line without its newline is a writer killed mid-line (a log, a samples file): it is
-    left out, and the byte count lets the caller cut it off before appending. Otherwise it is a row."""
+    """(rows, bytes of complete lines) of a JSON-lines file; a bad line (not UTF-8, not JSON) is an error naming
+    the file and line. torn_tail_ok: a last line without its newline is a writer killed mid-line (a log, a samples
+    file): it is left out, and the byte count lets the caller cut it off before appending. Otherwise it is a row."""
     rows, complete = [], 0
     with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
             if torn_tail_ok and not line.endswith(b"\n"):
                 break
-            if line.strip():
+            text = _utf8_text(path, line, number)
+            if text.strip():
                 try:
-                    rows.append(json.loads(line))
+                    rows.append(json.loads(text))
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}: line {number} is not valid JSON ({e})") from e
             complete += len(line)
     return rows, complete
+
+
+def _utf8_text(path: str, data: bytes, first_line: int = 1) -> str:
+    """`data` (read from `path`, starting at line `first_line`) as text. JSON files are UTF-8: other bytes (a file
+    saved as Latin-1) are an error naming the file and the line they are on, not a UnicodeDecodeError."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + data.count(b"\n", 0, e.start)
+        raise UserError(f"{path}: line {line} is not UTF-8 (byte {data[e.start]:#04x}: {e.reason})") from e
 
 
 def _read_rows(source: str, split: str | None) -> list[dict]:
@@ -186,8 +197,8 @@ def _read_rows(source: str, split: str | None) -> list[dict]:
             import pyarrow.parquet  # a dependency of datasets; lighter than building a Dataset
             return pyarrow.parquet.read_table(source).to_pylist()
         if source.endswith(".json"):
-            with open(source, encoding="utf-8") as f:
-                text = f.read()
+            with open(source, "rb") as f:
+                text = _utf8_text(source, f.read())
             if text.lstrip().startswith("["):
                 try:
                     return json.loads(text)

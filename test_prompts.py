@@ -438,6 +438,30 @@ def test_read_jsonl_leaves_out_a_torn_last_line_only_when_asked(tmp_path):
     with pytest.raises(prompts.UserError, match="log.jsonl: line 3 is not valid JSON"):
         prompts.read_jsonl(str(path))
 
+
+def test_read_jsonl_names_the_file_and_line_of_invalid_utf8(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"problem": "a", "answer": "1"}\n{"problem": "caf\xe9", "answer": "2"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(prompts.UserError, match=r"rows\.jsonl: line 2 is not UTF-8"):
+        prompts.read_jsonl(str(path))
+    with pytest.raises(prompts.UserError, match=r"rows\.jsonl: line 2 is not UTF-8"):
+        prompts.load_records(str(path))
+
+
+@pytest.mark.parametrize("layout", ["array", "lines"])
+def test_a_json_file_with_invalid_utf8_names_the_file_and_line(tmp_path, layout):
+    path = tmp_path / "rows.json"
+    rows = [b'{"problem": "a", "answer": "1"}', b'{"problem": "b", "answer": "2"}',
+            b'{"problem": "caf\xe9", "answer": "3"}']
+    if layout == "array":  # a JSON array, one row a line after the "["
+        path.write_bytes(b"[\n" + b",\n".join(rows) + b"\n]\n")
+        line = 4
+    else:  # datasets' to_json: one object a line
+        path.write_bytes(b"\n".join(rows) + b"\n")
+        line = 3
+    with pytest.raises(prompts.UserError, match=rf"rows\.json: line {line} is not UTF-8"):
+        prompts.load_records(str(path))
+
 # -----------------------------------------------------------------------------
 # 5. prompt token ids, with the toy Qwen3-style tokenizer
 
