@@ -324,17 +324,35 @@ _cache: dict[tuple[str, str], bool] = {}  # math-verify's verdicts: GRPO rollout
 _gave_up: dict[tuple[str, str], float] = {}
 
 
+def _gone(pid):
+    """Whether process `pid` has exited. On Linux a process killed but not yet reaped by its own parent is a zombie:
+    gone, though its pid still answers os.kill(pid, 0), and it stays one for as long as that parent does not wait
+    for it. So read its state from /proc (Z: zombie, X: dead); os.kill is the fallback where there is no /proc."""
+    if os.path.isdir("/proc/self"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except FileNotFoundError:
+            return True
+        state = stat.rsplit(")", 1)[1].split()[0]  # after the command name, which may hold spaces and ")"
+        return state in ("Z", "X")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 def _serve_grader(parent):
     """The worker: one JSON [gold, prediction] per stdin line, "1" or "0" per stdout line. It must not outlive a
     killed parent, and sympy can compute for minutes without reading stdin or releasing the GIL (one huge integer
     power), so a thread of its own could not notice: a forked watchdog process kills it when the parent is gone."""
     if os.fork() == 0:
-        os.close(0), os.close(1)  # the pipes are the worker's: its death must read as EOF at once
+        os.close(0)  # the pipes are the worker's: its death must read as EOF at once
+        os.close(1)
         worker = os.getppid()
         while os.getppid() == worker:  # the worker lives...
-            try:
-                os.kill(parent, 0)  # ...and so does its parent
-            except ProcessLookupError:
+            if _gone(parent):  # ...and its parent does not
                 os.kill(worker, 9)
             time.sleep(0.5)
         os._exit(0)
