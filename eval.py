@@ -113,7 +113,9 @@ def run_eval(tokenizer, records, sampler, *, n, sampling, thinking, seed=0, teac
     def key(record):
         return record.get("benchmark", "data"), record["id"]
     benchmarks = list(dict.fromkeys(key(r)[0] for r in records))  # the same order on every rank
-    mine, done, file = records[rank::world], {}, None
+    mine = records[rank::world]
+    done = {}  # (benchmark, problem id, sample) -> the row a stopped run wrote
+    file = None
     if out_path:
         settings_path = os.path.splitext(out_path)[0] + ".settings.json"
         if resume:
@@ -139,7 +141,8 @@ def run_eval(tokenizer, records, sampler, *, n, sampling, thinking, seed=0, teac
                                        teacher_context)
         new = []
         for i, row in enumerate(rows):
-            record, s = chunk[i // n], i % n
+            record = chunk[i // n]  # the rows are n per record, in order
+            s = i % n
             if s not in results[key(record)]:  # kept from the stopped run otherwise
                 row = {"benchmark": key(record)[0], "problem_id": record["id"], "sample": s, **row}
                 results[key(record)][s] = row
@@ -181,14 +184,17 @@ def maj_at_k(answers, correct, k):
 
 def problem_metrics(samples, ks):
     """One problem's sums: samples, correct, length, pass@k, maj@k; samples are rows in sample order."""
-    n, c = len(samples), sum(s["correct"] for s in samples)
-    answers, correct = [s["extracted"] for s in samples], [s["correct"] for s in samples]
+    n = len(samples)
+    c = sum(s["correct"] for s in samples)
+    answers = [s["extracted"] for s in samples]
+    correct = [s["correct"] for s in samples]
     return {"problems": 1, "samples": n, "correct": c, "length": sum(s["length"] for s in samples),
             **{f"pass@{k}": pass_at_k(n, c, k) for k in ks}, **{f"maj@{k}": maj_at_k(answers, correct, k) for k in ks}}
 
 
 def summarize(sums, ks):
-    problems, samples = max(sums["problems"], 1), max(sums["samples"], 1)
+    problems = max(sums["problems"], 1)
+    samples = max(sums["samples"], 1)
     return {"avg": sums["correct"] / samples, **{f"pass@{k}": sums[f"pass@{k}"] / problems for k in ks},
             **{f"maj@{k}": sums[f"maj@{k}"] / problems for k in ks}, "mean_length": sums["length"] / samples,
             "problems": int(sums["problems"]), "samples": int(sums["samples"])}
@@ -251,6 +257,37 @@ def write_curve(out_dir, curve):
 # -----------------------------------------------------------------------------
 # 9. the run
 
+# the options that decide a problem's samples, kept beside the samples file (a resume with others is refused)
+SAMPLE_SETTINGS = ("teacher_context", "temperature", "top_p", "sampling_top_k", "max_new_tokens", "thinking", "seed")
+
+
+def adapter_config(path):
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        return json.load(f)
+
+
+def load_problems(args):
+    """The problems of --data, or of each --benchmarks key, each with its "benchmark" (the name it is reported
+    under); only the fields this evaluation needs are required."""
+    require = ["problem", "answer"]
+    if args.teacher_context == "solution":
+        require.append("solution")  # the teacher's prompt shows it
+    if args.data:
+        name = os.path.splitext(os.path.basename(args.data))[0]
+        sources = [(name, args.data)]
+    else:
+        names = [name.strip() for name in args.benchmarks.split(",") if name.strip()]
+        unknown = [name for name in names if name not in prompts.BENCHMARKS]
+        if unknown:
+            raise prompts.UserError(f"--benchmarks: unknown {unknown}; known: {sorted(prompts.BENCHMARKS)} (or --data)")
+        sources = [(name, name) for name in names]
+    records = []
+    for name, source in sources:
+        for record in prompts.load_records(source, None, require=tuple(require), limit=args.limit):
+            records.append({**record, "benchmark": name})
+    return records
+
+
 
 def main(argv=None):
     # 1. config; the weights to evaluate: the base, an adapter (a run dir: its latest), or each checkpoint of a run
@@ -261,78 +298,96 @@ def main(argv=None):
         weights = plumbing.complete_checkpoints(args.checkpoints)
         if not weights:
             raise prompts.UserError(f"--checkpoints {args.checkpoints}: no complete checkpoint there")
+    elif args.adapter:
+        weights = [plumbing.follow_latest(args.adapter)]
     else:
-        weights = [plumbing.follow_latest(args.adapter)] if args.adapter else [None]
-    adapters = [w for w in weights if w and os.path.exists(os.path.join(w, "adapter_config.json"))]
+        weights = [None]  # the base model
+    adapters = []
+    full_models = []  # --checkpoints of a --full-finetune run: whole models
+    for path in weights:
+        if path is not None and os.path.exists(os.path.join(path, "adapter_config.json")):
+            adapters.append(path)
+        elif path is not None:
+            full_models.append(path)
     if args.adapter and not adapters:
         raise prompts.UserError(f"--adapter {weights[0]}: no adapter_config.json there (for a --full-finetune run pass "
                                 "the checkpoint as --model)")
+
     # 2. torchrun: ranks split the problems
     rank, world, device = opsd.init_distributed()
     dtype = plumbing.compute_dtype(args.dtype, device)
+
     # 3. data, before any model loads: a broken row costs a second
-    require = ("problem", "answer") + (("solution",) if args.teacher_context == "solution" else ())
-    sources = [(os.path.splitext(os.path.basename(args.data))[0], args.data)] if args.data else \
-        [(name.strip(), name.strip()) for name in args.benchmarks.split(",") if name.strip()]
-    unknown = [name for name, _ in sources if not args.data and name not in prompts.BENCHMARKS]
-    if unknown:
-        raise prompts.UserError(f"--benchmarks: unknown {unknown}; known: {sorted(prompts.BENCHMARKS)} (or --data)")
-    records = [{**r, "benchmark": name} for name, source in sources
-               for r in prompts.load_records(source, None, require=require, limit=args.limit)]
+    records = load_problems(args)
     lock = plumbing.claim_out_dir(args.out_dir, args.resume, args.overwrite, master=rank == 0)  # held until the end
+
     # 4-5. model (+ adapter) and sampler: vLLM serves the base with the adapter as a LoRARequest; HF loads it with PEFT
-    lora_rank = json.load(open(os.path.join(adapters[0], "adapter_config.json")))["r"] if adapters else None
-    full = [w for w in weights if w and w not in adapters]  # --checkpoints of a --full-finetune run: whole models
     kind = samplers.sampler_kind(args.sampler, device, lora=True)
-    model, tokenizer = (None, None) if kind == "vllm" else opsd.load_model(full[0] if full else args.model, device,
-                                                                           dtype)
     if kind == "vllm":
+        # vLLM loads the base model itself, from --model; only the tokenizer is needed here
         from transformers import AutoTokenizer
+        model = None
         tokenizer = AutoTokenizer.from_pretrained(args.model)
-    elif adapters:
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, adapters[0])
+    else:
+        # the model holds the first weights to evaluate; the later checkpoints are loaded into it one by one
+        if full_models:
+            model, tokenizer = opsd.load_model(full_models[0], device, dtype)
+        else:
+            model, tokenizer = opsd.load_model(args.model, device, dtype)
+        if adapters:
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, adapters[0])
+    lora_rank = None
+    if adapters:
+        lora_rank = adapter_config(adapters[0])["r"]  # the largest adapter vLLM must make room for
     sampler = samplers.make_sampler(kind, model, tokenizer, args.model, device, dtype, lora_rank, args.seed,
-                                args.vllm_gpu_memory, world, sleep=False)
-    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                    top_k=args.sampling_top_k)
+                                    args.vllm_gpu_memory, world, sleep=False)
+    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                "top_k": args.sampling_top_k}
     plumbing.print0(f"{len(records)} problems x {args.samples} samples x {len(weights)} weights | {args.model} | "
                     f"T={args.temperature} top_p={args.top_p} thinking={args.thinking} | {type(sampler).__name__} | "
                     f"{world} ranks | writing to {args.out_dir}")
+
     # 6-7. sample, grade and summarise each set of weights (a finished one is skipped on --resume); 8. report
+    largest_k = max(k for k in KS if k <= args.samples)  # the curve shows pass@k and maj@k at this k
     curve = []
     for path in weights:
-        out_dir = os.path.join(args.out_dir, os.path.basename(path)) if args.checkpoints else args.out_dir
+        if args.checkpoints:
+            out_dir = os.path.join(args.out_dir, os.path.basename(path))  # a directory per checkpoint
+        else:
+            out_dir = args.out_dir
+        samples_path = os.path.join(out_dir, "samples.jsonl")
         summary_path = os.path.join(out_dir, "summary.json")
-        if args.resume and args.checkpoints and os.path.exists(summary_path):
-            summary = json.load(open(summary_path))
+        finished = args.resume and args.checkpoints and os.path.exists(summary_path)
+        if finished:
+            with open(summary_path) as f:
+                summary = json.load(f)
             plumbing.print0(f"eval: {path} done already, skipped")
         else:
-            if path in full and path != full[0]:
-                plumbing.load_weights(path, model)
-            elif path in adapters and sampler.kind == "hf" and path != adapters[0]:
-                plumbing.load_weights(path, model)
-            settings = {"model": args.model, "adapter": path, "data": args.data or args.benchmarks,
-                        **{k: getattr(args, k) for k in ("teacher_context", "temperature", "top_p", "sampling_top_k",
-                                                         "max_new_tokens", "thinking", "seed")}}
-            lora_request = None  # vLLM gets the adapter per call; HF has it loaded in the model
-            if path in adapters and sampler.kind == "vllm":
+            if sampler.kind == "hf" and path is not None and path != weights[0]:
+                plumbing.load_weights(path, model)  # the model was loaded with the first weights
+            lora_request = None  # vLLM gets the adapter with each call; HF has it loaded in the model
+            if sampler.kind == "vllm" and path in adapters:
                 lora_request = opsd.lora_request(path)
+            settings = {"model": args.model, "adapter": path, "data": args.data or args.benchmarks}
+            for name in SAMPLE_SETTINGS:
+                settings[name] = getattr(args, name)
+            # a checkpoint's samples are always kept: the curve is resumable whether or not --resume is given
+            resume = args.resume or bool(args.checkpoints)
             summary = run_eval(tokenizer, records, sampler, n=args.samples, sampling=sampling, thinking=args.thinking,
                                seed=args.seed, teacher_context=args.teacher_context, rank=rank, world=world,
-                               out_path=os.path.join(out_dir, "samples.jsonl"),
-                               resume=args.resume or bool(args.checkpoints),
-                               settings=settings, batch_size=args.batch_size, progress=True,
-                               lora_request=lora_request)
+                               out_path=samples_path, resume=resume, settings=settings, batch_size=args.batch_size,
+                               lora_request=lora_request, progress=True)
             if rank == 0:
                 with open(summary_path, "w") as f:
                     json.dump({**summary, "config": plumbing.settings_of(args)}, f, indent=2)
                 print(format_table(summary), flush=True)
-                print(f"eval: samples in {os.path.join(out_dir, 'samples.jsonl')}, summary in {summary_path}",
-                      flush=True)
-        top = max(k for k in KS if k <= args.samples)
-        curve.append({"step": plumbing.checkpoint_step(path) if path else 0, "avg": summary["avg"],
-                      "pass": summary[f"pass@{top}"], "maj": summary[f"maj@{top}"], "length": summary["mean_length"]})
+                print(f"eval: samples in {samples_path}, summary in {summary_path}", flush=True)
+        step = 0
+        if path is not None:
+            step = plumbing.checkpoint_step(path)
+        curve.append({"step": step, "avg": summary["avg"], "pass": summary[f"pass@{largest_k}"],
+                      "maj": summary[f"maj@{largest_k}"], "length": summary["mean_length"]})
     sampler.close()  # before the process group goes: vLLM's shutdown uses it
     if rank == 0 and args.checkpoints:
         print(write_curve(args.out_dir, curve), flush=True)
@@ -340,8 +395,10 @@ def main(argv=None):
         dist.destroy_process_group()
     if lock:  # closed here, not when this frame is collected (a kept traceback can hold it for a long time)
         lock.close()
-    summary = {k: v for k, v in summary.items() if k != "config"}
-    return {**summary, "curve": curve} if args.checkpoints else summary
+    summary = {k: v for k, v in summary.items() if k != "config"}  # a summary.json read back holds the run's options
+    if args.checkpoints:
+        return {**summary, "curve": curve}
+    return summary
 
 
 if __name__ == "__main__":
