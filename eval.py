@@ -277,9 +277,15 @@ def load_problems(args):
         sources = [(name, args.data)]
     else:
         names = [name.strip() for name in args.benchmarks.split(",") if name.strip()]
+        if not names:
+            raise prompts.UserError(f"--benchmarks {args.benchmarks!r} names no benchmark; give comma-separated keys "
+                                    f"of {sorted(prompts.BENCHMARKS)} (or --data)")
         unknown = [name for name in names if name not in prompts.BENCHMARKS]
         if unknown:
             raise prompts.UserError(f"--benchmarks: unknown {unknown}; known: {sorted(prompts.BENCHMARKS)} (or --data)")
+        twice = [name for name in dict.fromkeys(names) if names.count(name) > 1]
+        if twice:  # its problems would be sampled twice and counted once
+            raise prompts.UserError(f"--benchmarks: {', '.join(twice)} twice")
         sources = [(name, name) for name in names]
     records = []
     for name, source in sources:

@@ -3,6 +3,8 @@ random Qwen3 (base, with an adapter, resumed after a stop, and on a broken data 
 import itertools
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -204,6 +206,26 @@ def test_a_row_without_an_answer_is_reported_with_its_index(tiny, tmp_path):
 def test_unknown_benchmark_names_the_option(tiny, tmp_path):
     with pytest.raises(prompts.UserError, match="--benchmarks: unknown"):
         evaluate.main(["--model", tiny["model"], "--benchmarks", "aime24,nope", "--out-dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("benchmarks", [",", " , ,", ""])
+def test_benchmarks_that_name_no_benchmark_are_an_error_naming_the_option(tiny, tmp_path, benchmarks):
+    with pytest.raises(prompts.UserError, match="--benchmarks .*names no benchmark"):
+        evaluate.main(["--model", tiny["model"], "--benchmarks", benchmarks, "--out-dir", str(tmp_path)])
+
+
+def test_a_benchmark_named_twice_is_an_error_naming_it(tiny, tmp_path):
+    with pytest.raises(prompts.UserError, match="--benchmarks: aime24 twice"):
+        evaluate.main(["--model", tiny["model"], "--benchmarks", "aime24, aime24", "--out-dir", str(tmp_path)])
+
+
+def test_a_user_error_is_one_line_on_stderr_and_exit_status_2(tiny, tmp_path):
+    here = os.path.dirname(os.path.abspath(__file__))
+    command = [sys.executable, os.path.join(here, "eval.py"), "--model", tiny["model"], "--benchmarks", ",",
+               "--out-dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith("error: --benchmarks") and result.stderr.count("\n") == 1, result.stderr[-2000:]
 
 
 def test_an_adapter_dir_without_adapter_config_names_the_option(tiny, tmp_path):
