@@ -68,6 +68,37 @@ def get_parser():
     group.add_argument("--resume", action="store_true", help="keep finished samples (and checkpoints); sample the rest")
     return parser
 
+
+# the weights to evaluate are checked before anything loads: a missing or truncated file is one line naming it, not
+# a traceback from transformers or PEFT after the model (or half a curve) has loaded
+
+
+def unreadable(file):
+    """Why a .safetensors file cannot be read, or None. Its header lists where each tensor ends: a file cut short
+    (a full disk, a killed copy) does not fit it, and opening it says so without reading the tensors."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(file, "pt"):
+            return None
+    except (SafetensorError, OSError) as e:
+        return f"{type(e).__name__}: {str(e)[:200]}"
+
+
+def model_problem(path):
+    """Why a local model directory (--model, or a --full-finetune checkpoint) has no weights to load, or None. An
+    HF id (no such directory) is downloaded and checked by transformers."""
+    if not os.path.isdir(path):
+        return None
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    pytorch_bins = glob.glob(os.path.join(path, "pytorch_model*.bin"))  # older checkpoints; transformers loads them
+    if not files and not pytorch_bins:
+        return "no weights there (no *.safetensors, no pytorch_model*.bin)"
+    for file in files:
+        why = unreadable(file)
+        if why:
+            return f"{os.path.basename(file)} is unreadable ({why})"
+    return None
+
 # -----------------------------------------------------------------------------
 # 6. sample and grade, resumably: one samples file per rank, appended after each sampler call
 
@@ -298,6 +329,9 @@ def load_problems(args):
 def main(argv=None):
     # 1. config; the weights to evaluate: the base, an adapter (a run dir: its latest), or each checkpoint of a run
     args = plumbing.parse_config(get_parser(), argv)
+    base_problem = model_problem(args.model)
+    if base_problem:
+        raise prompts.UserError(f"--model {args.model}: {base_problem}")
     if args.adapter and args.checkpoints:
         raise prompts.UserError("--adapter and --checkpoints: give one (--checkpoints evaluates every checkpoint)")
     if args.checkpoints:

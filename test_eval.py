@@ -3,6 +3,7 @@ random Qwen3 (base, with an adapter, resumed after a stop, and on a broken data 
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -231,6 +232,48 @@ def test_a_user_error_is_one_line_on_stderr_and_exit_status_2(tiny, tmp_path):
 def test_an_adapter_dir_without_adapter_config_names_the_option(tiny, tmp_path):
     with pytest.raises(prompts.UserError, match="--adapter"):
         evaluate.main(cli(tiny, tmp_path, "--adapter", str(tmp_path)))
+
+
+def model_dir_without_weights(tiny, path):
+    """A copy of the tiny model's directory (config, tokenizer) without its weights file."""
+    shutil.copytree(tiny["model"], path)
+    os.remove(os.path.join(path, "model.safetensors"))
+    return str(path)
+
+
+def truncate(path, size=100):
+    """A file cut short, as a full disk or a killed copy leaves it."""
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def test_a_model_dir_without_weights_is_an_error_naming_it_before_anything_loads(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    empty = model_dir_without_weights(tiny, tmp_path / "no_weights")
+    with pytest.raises(prompts.UserError, match=rf"--model {empty}: no weights there \(no \*\.safetensors"):
+        evaluate.main(cli(tiny, tmp_path / "out", "--model", empty))
+    assert not os.path.exists(tmp_path / "out")  # refused before the out dir is claimed
+
+
+def test_a_model_dir_with_a_truncated_weights_file_is_an_error_naming_the_file(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny["model"], cut)
+    truncate(cut / "model.safetensors")
+    with pytest.raises(prompts.UserError, match=r"--model .*cut: model\.safetensors is unreadable \(SafetensorError"):
+        evaluate.main(cli(tiny, tmp_path / "out", "--model", str(cut)))
+
+
+def test_model_weights_in_shards_or_as_pytorch_bin_are_weights(tiny, tmp_path):
+    assert evaluate.model_problem(tiny["model"]) is None
+    sharded = model_dir_without_weights(tiny, tmp_path / "sharded")
+    for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        shutil.copy(os.path.join(tiny["model"], "model.safetensors"), os.path.join(sharded, shard))
+    assert evaluate.model_problem(sharded) is None
+    pytorch_bin = model_dir_without_weights(tiny, tmp_path / "bin")
+    torch.save({}, os.path.join(pytorch_bin, "pytorch_model.bin"))
+    assert evaluate.model_problem(pytorch_bin) is None
+    assert evaluate.model_problem("Qwen/Qwen3-1.7B") is None  # an HF id: transformers downloads and checks it
 
 
 def _two_ranks(rank, world, tiny, port, results):
