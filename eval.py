@@ -50,7 +50,8 @@ def get_parser():
     parser.presets = {}
     plumbing.model_options(parser, lora=False)
     group = parser.add_argument_group("weights")
-    group.add_argument("--adapter", default=None, help="a PEFT adapter dir, or a run dir (its latest checkpoint)")
+    group.add_argument("--adapter", default=None,
+                       help="a PEFT adapter dir, or a run dir (its latest complete checkpoint)")
     group.add_argument("--checkpoints", default=None, help="a run dir: evaluate every checkpoint in it, and the curve")
     group = parser.add_argument_group("data")
     group.add_argument("--benchmarks", default="aime24,aime25,hmmt25,amobench", help="comma-separated BENCHMARKS keys")
@@ -98,6 +99,51 @@ def model_problem(path):
         if why:
             return f"{os.path.basename(file)} is unreadable ({why})"
     return None
+
+
+def adapter_config(path):
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        return json.load(f)
+
+
+def killed_save(path):
+    """checkpoint-N.tmp: a save killed midway (the plumbing renames it to checkpoint-N once every file is written)."""
+    name = os.path.basename(os.path.normpath(path))
+    return name.endswith(".tmp") and plumbing.checkpoint_step(name.removesuffix(".tmp")) is not None
+
+
+def adapter_problem(path):
+    """Why `path` is not a PEFT adapter to evaluate, or None."""
+    if not os.path.isdir(path):
+        return "no such directory"
+    if killed_save(path):
+        return "an incomplete checkpoint (a save killed midway)"
+    if not os.path.exists(os.path.join(path, "adapter_config.json")):
+        return "no adapter_config.json there (for a --full-finetune run pass the checkpoint as --model)"
+    try:
+        adapter_config(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"adapter_config.json is unreadable ({type(e).__name__}: {e})"
+    weights = os.path.join(path, "adapter_model.safetensors")
+    if os.path.exists(weights):
+        why = unreadable(weights)
+        if why:
+            return f"adapter_model.safetensors is unreadable ({why})"
+        return None
+    if os.path.exists(os.path.join(path, "adapter_model.bin")):  # PEFT's older format: PEFT and vLLM still load it
+        return None
+    return "no adapter_model.safetensors there"
+
+
+def chosen_adapter(path):
+    """--adapter: an adapter dir, or a run dir, which stands for its latest complete checkpoint."""
+    latest = plumbing.follow_latest(path)
+    if latest == path and glob.glob(os.path.join(path, "checkpoint-*")):
+        raise prompts.UserError(f"--adapter {path}: no complete checkpoint there (a run killed before its first save)")
+    why = adapter_problem(latest)
+    if why:
+        raise prompts.UserError(f"--adapter {latest}: {why}")
+    return latest
 
 # -----------------------------------------------------------------------------
 # 6. sample and grade, resumably: one samples file per rank, appended after each sampler call
@@ -292,11 +338,6 @@ def write_curve(out_dir, curve):
 SAMPLE_SETTINGS = ("teacher_context", "temperature", "top_p", "sampling_top_k", "max_new_tokens", "thinking", "seed")
 
 
-def adapter_config(path):
-    with open(os.path.join(path, "adapter_config.json")) as f:
-        return json.load(f)
-
-
 def load_problems(args):
     """The problems of --data, or of each --benchmarks key, each with its "benchmark" (the name it is reported
     under); only the fields this evaluation needs are required."""
@@ -339,7 +380,7 @@ def main(argv=None):
         if not weights:
             raise prompts.UserError(f"--checkpoints {args.checkpoints}: no complete checkpoint there")
     elif args.adapter:
-        weights = [plumbing.follow_latest(args.adapter)]
+        weights = [chosen_adapter(args.adapter)]
     else:
         weights = [None]  # the base model
     adapters = []
@@ -349,9 +390,6 @@ def main(argv=None):
             adapters.append(path)
         elif path is not None:
             full_models.append(path)
-    if args.adapter and not adapters:
-        raise prompts.UserError(f"--adapter {weights[0]}: no adapter_config.json there (for a --full-finetune run pass "
-                                "the checkpoint as --model)")
 
     # 2. torchrun: ranks split the problems
     rank, world, device = opsd.init_distributed()

@@ -276,6 +276,51 @@ def test_model_weights_in_shards_or_as_pytorch_bin_are_weights(tiny, tmp_path):
     assert evaluate.model_problem("Qwen/Qwen3-1.7B") is None  # an HF id: transformers downloads and checks it
 
 
+def broken_adapter(tiny, path, how):
+    """An adapter dir as a failure leaves it: its weights file deleted or cut short, its config deleted or cut short."""
+    make_adapter(tiny, str(path))
+    if how == "no weights":
+        os.remove(path / "adapter_model.safetensors")
+    elif how == "truncated weights":
+        truncate(path / "adapter_model.safetensors")
+    elif how == "no config":
+        os.remove(path / "adapter_config.json")
+    elif how == "truncated config":
+        truncate(path / "adapter_config.json", 20)
+    return str(path)
+
+
+@pytest.mark.parametrize("how,message", [
+    ("no weights", r"no adapter_model\.safetensors there"),
+    ("truncated weights", r"adapter_model\.safetensors is unreadable \(SafetensorError"),
+    ("no config", r"no adapter_config\.json there"),
+    ("truncated config", r"adapter_config\.json is unreadable \(JSONDecodeError"),
+])
+def test_an_adapter_with_a_missing_or_truncated_file_is_one_line_before_anything_loads(tiny, tmp_path, monkeypatch,
+                                                                                       how, message):
+    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    adapter = broken_adapter(tiny, tmp_path / "adapter", how)
+    with pytest.raises(prompts.UserError, match=rf"--adapter {adapter}: {message}") as error:
+        evaluate.main(cli(tiny, tmp_path / "out", "--adapter", adapter))
+    assert "\n" not in str(error.value)
+
+
+def test_a_checkpoint_whose_save_was_killed_midway_is_refused_as_an_adapter(tiny, tmp_path, monkeypatch):
+    """checkpoint-N.tmp is a save killed midway: its adapter may be whole while the rest of the checkpoint is not."""
+    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    run = tmp_path / "run"
+    partial = make_adapter(tiny, str(run / "checkpoint-000004.tmp"))
+    with pytest.raises(prompts.UserError, match=r"checkpoint-000004\.tmp: an incomplete checkpoint \(a save killed"):
+        evaluate.main(cli(tiny, tmp_path / "out", "--adapter", partial))
+    with pytest.raises(prompts.UserError, match=rf"--adapter {run}: no complete checkpoint there"):
+        evaluate.main(cli(tiny, tmp_path / "out", "--adapter", str(run)))
+
+
+def test_an_adapter_that_is_not_there_is_named(tiny, tmp_path):
+    with pytest.raises(prompts.UserError, match=r"--adapter .*nowhere: no such directory"):
+        evaluate.main(cli(tiny, tmp_path / "out", "--adapter", str(tmp_path / "nowhere")))
+
+
 def _two_ranks(rank, world, tiny, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
