@@ -11,7 +11,8 @@ Evaluate a base model, a trained adapter, or every checkpoint of a run on the pa
 Samples are appended to samples.jsonl after every sampler call, so a kill loses at most the call in flight
 (--batch-size problems x --samples samples), and `--resume` samples only what is missing, with the same summary.
 `--checkpoints RUN_DIR` evaluates every checkpoint of a training run (one sub-directory each; `--resume` skips the
-finished ones) and writes the curve, curve.md and curve.png: pick the best checkpoint, not the last.
+finished ones) and writes the curve, curve.md and curve.png: pick the best checkpoint, not the last. A checkpoint that
+cannot be evaluated (incomplete, or its weights unreadable) is skipped with a line saying why.
 
 Departures from the official OPSD eval code: the prompt is the training prompt (theirs differ); only the last \\boxed{}
 is parsed (math-verify's default also grades unboxed text); AMO-Bench rows that need an LLM judge are dropped;
@@ -133,6 +134,56 @@ def adapter_problem(path):
     if os.path.exists(os.path.join(path, "adapter_model.bin")):  # PEFT's older format: PEFT and vLLM still load it
         return None
     return "no adapter_model.safetensors there"
+
+
+def is_adapter(path):
+    adapter_files = [os.path.join(path, name) for name in ("adapter_config.json", "adapter_model.safetensors")]
+    return any(os.path.exists(file) for file in adapter_files)
+
+
+def weights_problem(path):
+    """Why a checkpoint's weights (an adapter, or a --full-finetune run's whole model) cannot be evaluated, or None."""
+    if is_adapter(path):
+        return adapter_problem(path)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        return "no adapter_config.json or config.json there (neither an adapter nor a model)"
+    return model_problem(path)
+
+
+def why_incomplete(path):
+    """What a checkpoint that plumbing.complete_checkpoints leaves out lacks."""
+    if killed_save(path):
+        return "an incomplete checkpoint (a save killed midway)"
+    needed = ["run.json", "trainer_state.pt", "rng_rank0.pt", os.path.basename(plumbing.weights_file(path))]
+    missing = [name for name in needed if not os.path.exists(os.path.join(path, name))]
+    return f"an incomplete checkpoint (no {', '.join(missing)})"
+
+
+def checkpoints_to_evaluate(run_dir):
+    """--checkpoints: the run's checkpoints that can be evaluated, oldest first. Each of the others is skipped with a
+    line saying why (incomplete, or its weights unreadable): one bad checkpoint must not cost the whole curve."""
+    if not os.path.isdir(run_dir):
+        raise prompts.UserError(f"--checkpoints {run_dir}: no such directory")
+    complete = plumbing.complete_checkpoints(run_dir)
+    found = []
+    for path in glob.glob(os.path.join(run_dir, "checkpoint-*")):
+        if plumbing.checkpoint_step(path) is not None or killed_save(path):
+            found.append(path)
+    # in step order, a killed re-save after the checkpoint of its step
+    found.sort(key=lambda path: (plumbing.checkpoint_step(path.removesuffix(".tmp")), killed_save(path)))
+    chosen = []
+    for path in found:
+        if path in complete:
+            why = weights_problem(path)
+        else:
+            why = why_incomplete(path)
+        if why:
+            plumbing.print0(f"eval: skipping {path}: {why}")
+        else:
+            chosen.append(path)
+    if not chosen:
+        raise prompts.UserError(f"--checkpoints {run_dir}: no checkpoint there can be evaluated")
+    return chosen
 
 
 def chosen_adapter(path):
@@ -376,9 +427,7 @@ def main(argv=None):
     if args.adapter and args.checkpoints:
         raise prompts.UserError("--adapter and --checkpoints: give one (--checkpoints evaluates every checkpoint)")
     if args.checkpoints:
-        weights = plumbing.complete_checkpoints(args.checkpoints)
-        if not weights:
-            raise prompts.UserError(f"--checkpoints {args.checkpoints}: no complete checkpoint there")
+        weights = checkpoints_to_evaluate(args.checkpoints)
     elif args.adapter:
         weights = [chosen_adapter(args.adapter)]
     else:
@@ -386,7 +435,7 @@ def main(argv=None):
     adapters = []
     full_models = []  # --checkpoints of a --full-finetune run: whole models
     for path in weights:
-        if path is not None and os.path.exists(os.path.join(path, "adapter_config.json")):
+        if path is not None and is_adapter(path):
             adapters.append(path)
         elif path is not None:
             full_models.append(path)

@@ -1,5 +1,6 @@
 """eval.py on CPU: the metrics against brute force and hand-made cases, and eval.main end to end on a tiny
 random Qwen3 (base, with an adapter, resumed after a stop, and on a broken data file)."""
+import glob
 import itertools
 import json
 import os
@@ -400,13 +401,20 @@ def test_thinking_is_on_by_default_and_the_flag_reads_that_way():
     assert "--thinking, --no-thinking" in help_text and evaluate.get_parser().parse_args([]).thinking is True
 
 
-def test_checkpoints_of_a_run_each_get_a_summary_and_the_curve_resumably(tiny, tmp_path, monkeypatch):
-    """eval.py --checkpoints RUN_DIR: every complete checkpoint evaluated in a directory of its own, the curve as a
-    table and a plot, and --resume skips the finished checkpoints (here the one whose summary exists)."""
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained_run(tiny, tmp_path_factory):
+    """A LoRA run with checkpoints 1, 2 and 3 (sft.py, 3 steps); copy it before changing it."""
+    run = tmp_path_factory.mktemp("trained") / "run"
     sft.main(["--model", tiny["model"], "--data", tiny["data"], "--batch-size", "2", "--micro-batch-size", "2",
               "--lora-r", "4", "--lora-alpha", "8", "--lr", "5e-2", "--max-steps", "3", "--save-every", "1",
               "--keep", "5", "--no-compile", "--out-dir", str(run)])
+    return run
+
+
+def test_checkpoints_of_a_run_each_get_a_summary_and_the_curve_resumably(tiny, trained_run, tmp_path, monkeypatch):
+    """eval.py --checkpoints RUN_DIR: every complete checkpoint evaluated in a directory of its own, the curve as a
+    table and a plot, and --resume skips the finished checkpoints (here the one whose summary exists)."""
+    run = trained_run
     out = tmp_path / "curve"
     result = evaluate.main(cli(tiny, out, "--checkpoints", str(run)))
     assert [c["step"] for c in result["curve"]] == [1, 2, 3]
@@ -426,6 +434,39 @@ def test_checkpoints_of_a_run_each_get_a_summary_and_the_curve_resumably(tiny, t
     again = evaluate.main(cli(tiny, out, "--checkpoints", str(run), "--resume"))
     # checkpoint 2's samples were all there: none sampled again
     assert asked == [] and again["curve"] == result["curve"]
+
+
+def test_checkpoints_that_cannot_be_evaluated_are_skipped_each_with_a_line_and_the_curve_goes_on(tiny, trained_run,
+                                                                                                tmp_path, capsys):
+    """A truncated adapter used to abort the whole curve; incomplete checkpoints were dropped without a word."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    truncate(run / "checkpoint-000002" / "adapter_model.safetensors")
+    shutil.copytree(run / "checkpoint-000003", run / "checkpoint-000004.tmp")  # a save killed midway
+    shutil.copytree(run / "checkpoint-000003", run / "checkpoint-000005")
+    os.remove(run / "checkpoint-000005" / "trainer_state.pt")
+    out = tmp_path / "curve"
+    result = evaluate.main(cli(tiny, out, "--checkpoints", str(run)))
+    assert [c["step"] for c in result["curve"]] == [1, 3]
+    skipped = [line for line in capsys.readouterr().out.splitlines() if "skipping" in line]
+    assert skipped == [
+        f"eval: skipping {run}/checkpoint-000002: adapter_model.safetensors is unreadable (SafetensorError: Error "
+        "while deserializing header: invalid header length)",
+        f"eval: skipping {run}/checkpoint-000004.tmp: an incomplete checkpoint (a save killed midway)",
+        f"eval: skipping {run}/checkpoint-000005: an incomplete checkpoint (no trainer_state.pt)"]
+    assert (out / "curve.md").read_text().count("\n") == 4 and (out / "curve.png").exists()
+    assert [c["step"] for c in json.load(open(out / "curve.json"))] == [1, 3]
+    assert sorted(glob.glob("checkpoint-*", root_dir=out)) == ["checkpoint-000001", "checkpoint-000003"]
+
+
+def test_a_run_with_no_checkpoint_to_evaluate_is_an_error_naming_it(tiny, trained_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    run = tmp_path / "run"
+    os.makedirs(run)
+    shutil.copytree(trained_run / "checkpoint-000001", run / "checkpoint-000001")
+    truncate(run / "checkpoint-000001" / "adapter_model.safetensors")
+    with pytest.raises(prompts.UserError, match=rf"--checkpoints {run}: no checkpoint there can be evaluated"):
+        evaluate.main(cli(tiny, tmp_path / "out", "--checkpoints", str(run)))
 
 
 def test_the_out_dir_lock_is_released_when_eval_returns(tiny, tmp_path, monkeypatch):
