@@ -219,23 +219,36 @@ def finished_samples(out_path, rank, world):
     return done
 
 
-def check_settings(path, settings):
-    """The settings that produced a samples file live beside it: a resume with others would mix two evaluations."""
+def check_settings(path, settings, older_defaults=None):
+    """The settings that produced a samples file live beside it: a resume with others would mix two evaluations.
+    older_defaults: what a setting that an older eval.py did not record stood for (its default then), so that a
+    resume at that default goes on."""
     with open(path) as f:
         saved = json.load(f)
-    changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
-    if changed:
-        raise prompts.UserError(f"--resume: {path} was written with other settings: " + "; ".join(
-            f"{k}: was {old!r}, now {new!r}" for k, (old, new) in changed.items()) +
-            " (use a new --out-dir, or --overwrite to start over)")
+    older_defaults = older_defaults or {}
+    changes = []
+    for name, value in settings.items():
+        if name in saved:
+            old = saved[name]
+            then = ""
+        else:
+            old = older_defaults.get(name)
+            then = " (the default then)" if name in older_defaults else ""
+        if old != value:
+            changes.append(f"{name}: was {old!r}{then}, now {value!r}")
+    if changes:
+        raise prompts.UserError(f"--resume: {path} was written with other settings: {'; '.join(changes)} (use a new "
+                                "--out-dir, or --overwrite to start over)")
 
 
 def run_eval(tokenizer, records, sampler, *, n, sampling, thinking, seed=0, teacher_context=None, rank=0, world=1,
-             out_path=None, resume=False, settings=None, batch_size=64, lora_request=None, progress=False) -> dict:
+             out_path=None, resume=False, settings=None, older_defaults=None, batch_size=64, lora_request=None,
+             progress=False) -> dict:
     """Evaluate `records` (prompts.load_records dicts; an optional "benchmark" key groups them) with n samples per
     problem. Under torchrun this rank does problems range(rank, N, world) and the sums are all-reduced: every rank
     returns the same summary. With `out_path` every sample is appended there once its sampler call returns;
-    `resume` keeps the samples already written (and refuses other `settings` than those saved beside them)."""
+    `resume` keeps the samples already written (and refuses other `settings` than those saved beside them;
+    older_defaults: check_settings)."""
     ks = [k for k in KS if k <= n]
 
     def key(record):
@@ -248,7 +261,7 @@ def run_eval(tokenizer, records, sampler, *, n, sampling, thinking, seed=0, teac
         settings_path = os.path.splitext(out_path)[0] + ".settings.json"
         if resume:
             if settings is not None and os.path.exists(settings_path):
-                check_settings(settings_path, settings)
+                check_settings(settings_path, settings, older_defaults)
             done = finished_samples(out_path, rank, world)
         if world > 1:
             dist.barrier()  # every rank has read the files before any rank writes
@@ -389,6 +402,10 @@ def write_curve(out_dir, curve):
 SAMPLE_SETTINGS = ("teacher_context", "temperature", "top_p", "sampling_top_k", "max_new_tokens", "thinking", "seed")
 
 
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")  # "bfloat16": JSON holds names, not torch dtypes
+
+
 def load_problems(args):
     """The problems of --data, or of each --benchmarks key, each with its "benchmark" (the name it is reported
     under); only the fields this evaluation needs are required."""
@@ -477,6 +494,8 @@ def main(argv=None):
 
     # 6-7. sample, grade and summarise each set of weights (a finished one is skipped on --resume); 8. report
     largest_k = max(k for k in KS if k <= args.samples)  # the curve shows pass@k and maj@k at this k
+    # a settings file from before the dtype was recorded: taken as written at the default dtype (--dtype auto)
+    older_defaults = {"dtype": dtype_name(plumbing.compute_dtype(args._defaults["dtype"], device))}
     curve = []
     for path in weights:
         if args.checkpoints:
@@ -496,15 +515,17 @@ def main(argv=None):
             lora_request = None  # vLLM gets the adapter with each call; HF has it loaded in the model
             if sampler.kind == "vllm" and path in adapters:
                 lora_request = opsd.lora_request(path)
-            settings = {"model": args.model, "adapter": path, "data": args.data or args.benchmarks}
+            settings = {"model": args.model, "adapter": path, "data": args.data or args.benchmarks,
+                        "dtype": dtype_name(dtype)}  # the computed dtype: --dtype auto is bf16 on a GPU, fp32 on CPU
             for name in SAMPLE_SETTINGS:
                 settings[name] = getattr(args, name)
             # a checkpoint's samples are always kept: the curve is resumable whether or not --resume is given
             resume = args.resume or bool(args.checkpoints)
             summary = run_eval(tokenizer, records, sampler, n=args.samples, sampling=sampling, thinking=args.thinking,
                                seed=args.seed, teacher_context=args.teacher_context, rank=rank, world=world,
-                               out_path=samples_path, resume=resume, settings=settings, batch_size=args.batch_size,
-                               lora_request=lora_request, progress=True)
+                               out_path=samples_path, resume=resume, settings=settings,
+                               older_defaults=older_defaults, batch_size=args.batch_size, lora_request=lora_request,
+                               progress=True)
             if rank == 0:
                 with open(summary_path, "w") as f:
                     json.dump({**summary, "config": plumbing.settings_of(args)}, f, indent=2)

@@ -379,6 +379,27 @@ def test_resume_with_another_model_or_settings_is_refused_and_names_them(tiny, t
     assert evaluate.main(cli(tiny, tmp_path, "--resume", "--samples", "3"))["samples"] == 15  # more samples: allowed
 
 
+def test_resume_with_another_dtype_is_refused_and_names_it(tiny, tmp_path):
+    """bf16 and fp32 sample different completions: a resume must not mix them."""
+    evaluate.main(cli(tiny, tmp_path, "--dtype", "float32", "--limit", "2"))
+    with pytest.raises(prompts.UserError, match=r"dtype: was 'float32', now 'bfloat16'"):
+        evaluate.main(cli(tiny, tmp_path, "--resume", "--dtype", "bfloat16"))
+    assert len(read_rows(tmp_path / "samples.jsonl")) == 4  # untouched
+    assert evaluate.main(cli(tiny, tmp_path, "--resume"))["samples"] == 10  # auto: fp32 on CPU, the same
+
+
+def test_a_settings_file_from_before_dtype_was_recorded_resumes_at_the_default(tiny, tmp_path):
+    """An option an older eval.py did not record is no change while it is at its default (auto: fp32 on CPU)."""
+    evaluate.main(cli(tiny, tmp_path / "old", "--limit", "2"))
+    settings_path = tmp_path / "old" / "samples.settings.json"
+    settings = json.load(open(settings_path))
+    del settings["dtype"]
+    settings_path.write_text(json.dumps(settings))
+    with pytest.raises(prompts.UserError, match=r"dtype: was 'float32' \(the default then\), now 'bfloat16'"):
+        evaluate.main(cli(tiny, tmp_path / "old", "--resume", "--dtype", "bfloat16"))
+    assert evaluate.main(cli(tiny, tmp_path / "old", "--resume"))["samples"] == 10
+
+
 def test_a_kill_loses_at_most_the_sampler_call_in_flight(tiny, tmp_path):
     class DiesOnSecondCall(FakeSampler):
         calls = 0
