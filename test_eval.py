@@ -26,7 +26,7 @@ def tiny(tmp_path_factory):
     return toy.build_tiny(tmp_path_factory.mktemp("eval"), split="test", n_problems=5)
 
 
-def cli(tiny, out_dir, *extra, n=2, temperature="0"):
+def cli(tiny, out_dir, *extra, n=2, temperature="1.0"):
     return ["--model", tiny["model"], "--data", tiny["data"], "--samples", str(n), "--temperature", temperature,
             "--max-new-tokens", "12", "--no-thinking", "--sampler", "hf", "--out-dir", str(out_dir), *extra]
 
@@ -145,18 +145,20 @@ def test_adapter_is_loaded_and_changes_the_outputs(tiny, tmp_path):
     assert base["samples"] == tuned["samples"]
 
 
-@pytest.mark.parametrize("temperature", ["0", "1.0"], ids=["greedy", "sampled"])
-def test_resume_samples_only_the_missing_problems_and_gives_the_same_summary(tiny, tmp_path, monkeypatch, temperature):
+@pytest.mark.parametrize("temperature,n", [("0", 1), ("1.0", 2)], ids=["greedy", "sampled"])
+def test_resume_samples_only_the_missing_problems_and_gives_the_same_summary(tiny, tmp_path, monkeypatch, temperature,
+                                                                             n):
     """Sampled too: a problem's samples depend only on --seed and the problem, not on what the process sampled before
     (the resumed run samples problems 2-4 in a call of its own, a different batch from the uninterrupted run's)."""
-    full = evaluate.main(cli(tiny, tmp_path / "full", temperature=temperature))
+    full = evaluate.main(cli(tiny, tmp_path / "full", n=n, temperature=temperature))
     lines = open(tmp_path / "full" / "samples.jsonl").readlines()
     stopped = tmp_path / "stopped"
     stopped.mkdir()
-    # problems 0-1 finished, problem 2 half-written, and a line cut off mid-write (no newline)
+    # problems 0-1 finished, problem 2 half-written (n > 1), and a line cut off mid-write (no newline)
+    kept = 2 * n + (n - 1)
     with open(stopped / "samples.jsonl", "w") as f:
-        f.writelines(lines[:5])
-        f.write(lines[5][:20])
+        f.writelines(lines[:kept])
+        f.write(lines[kept][:20])
     asked = []
     generate = samplers.HFSampler.generate
 
@@ -164,18 +166,18 @@ def test_resume_samples_only_the_missing_problems_and_gives_the_same_summary(tin
         asked.extend(prompt_ids)
         return generate(self, prompt_ids, *args, **kwargs)
     monkeypatch.setattr(samplers.HFSampler, "generate", spy)
-    resumed = evaluate.main(cli(tiny, stopped, "--resume", temperature=temperature))
+    resumed = evaluate.main(cli(tiny, stopped, "--resume", n=n, temperature=temperature))
     records = prompts.load_records(tiny["data"])
     assert asked == [prompts.student_prompt_ids(tiny["tokenizer"], r["problem"], False) for r in records[2:]]
     assert resumed == full
     rows = read_rows(stopped / "samples.jsonl")  # every line whole, none twice
-    check_consistent(resumed, rows, 5, 2)
+    check_consistent(resumed, rows, 5, n)
     key = lambda r: (r["problem_id"], r["sample"])  # noqa: E731
     uninterrupted = read_rows(tmp_path / "full" / "samples.jsonl")
     assert sorted(map(json.dumps, sorted(rows, key=key))) == sorted(map(json.dumps, sorted(uninterrupted, key=key)))
     # resuming a finished run samples nothing
     asked.clear()
-    assert evaluate.main(cli(tiny, stopped, "--resume", temperature=temperature)) == full and asked == []
+    assert evaluate.main(cli(tiny, stopped, "--resume", n=n, temperature=temperature)) == full and asked == []
 
 
 def test_a_used_out_dir_is_refused_unless_overwrite_or_resume(tiny, tmp_path):
@@ -373,8 +375,8 @@ def test_resume_with_another_model_or_settings_is_refused_and_names_them(tiny, t
     adapter = make_adapter(tiny, str(tmp_path / "adapter"))
     with pytest.raises(prompts.UserError, match=r"adapter: was None, now '.*adapter'"):
         evaluate.main(cli(tiny, tmp_path, "--resume", "--adapter", adapter))
-    with pytest.raises(prompts.UserError, match=r"temperature: was 0\.0, now 1\.0"):
-        evaluate.main(cli(tiny, tmp_path, "--resume", temperature="1.0"))
+    with pytest.raises(prompts.UserError, match=r"temperature: was 1\.0, now 0\.7"):
+        evaluate.main(cli(tiny, tmp_path, "--resume", temperature="0.7"))
     assert len(read_rows(tmp_path / "samples.jsonl")) == 10  # untouched
     assert evaluate.main(cli(tiny, tmp_path, "--resume", "--samples", "3"))["samples"] == 15  # more samples: allowed
 
@@ -398,6 +400,37 @@ def test_a_settings_file_from_before_dtype_was_recorded_resumes_at_the_default(t
     with pytest.raises(prompts.UserError, match=r"dtype: was 'float32' \(the default then\), now 'bfloat16'"):
         evaluate.main(cli(tiny, tmp_path / "old", "--resume", "--dtype", "bfloat16"))
     assert evaluate.main(cli(tiny, tmp_path / "old", "--resume"))["samples"] == 10
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--samples", "4"], r"--samples does nothing with --temperature 0: greedy samples are all the same.*--samples 1"),
+    (["--top-p", "0.9"], r"--top-p does nothing with --temperature 0"),
+    (["--sampling-top-k", "20"], r"--sampling-top-k does nothing with --temperature 0"),
+], ids=["samples", "top_p", "top_k"])
+def test_an_option_that_does_nothing_when_greedy_is_an_error_naming_it(tiny, tmp_path, monkeypatch, flags, message):
+    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(prompts.UserError, match=message):
+        evaluate.main(cli(tiny, tmp_path, *flags, n=1, temperature="0"))
+
+
+def test_greedy_runs_with_eval_defaults_and_with_options_given_as_off(tiny, tmp_path):
+    """Only what the user gave counts: eval.py's own top-p default (0.95) is not refused, and neither are --top-p 1
+    and --sampling-top-k 0, which say "off" (toy.py's eval settings pass --top-p 1)."""
+    assert evaluate.main(cli(tiny, tmp_path / "defaults", n=1, temperature="0"))["samples"] == 5
+    off = cli(tiny, tmp_path / "off", "--top-p", "1", "--sampling-top-k", "0", n=1, temperature="0")
+    assert evaluate.main(off)["samples"] == 5
+
+
+def test_benchmarks_with_data_is_an_error_naming_it(tiny, tmp_path):
+    with pytest.raises(prompts.UserError, match=r"--benchmarks does nothing with --data"):
+        evaluate.main(cli(tiny, tmp_path, "--benchmarks", "aime24"))
+
+
+def test_resume_and_overwrite_together_are_refused(tiny, tmp_path):
+    evaluate.main(cli(tiny, tmp_path, "--limit", "2"))
+    with pytest.raises(prompts.UserError, match=r"--resume and --overwrite: pick one"):
+        evaluate.main(cli(tiny, tmp_path, "--resume", "--overwrite"))
+    assert len(read_rows(tmp_path / "samples.jsonl")) == 4  # untouched
 
 
 def test_a_kill_loses_at_most_the_sampler_call_in_flight(tiny, tmp_path):
