@@ -5,7 +5,8 @@ Evaluate a base model, a trained adapter, or every checkpoint of a run on the pa
   2. prompt: prompts.student_prompt_ids, the prompt training uses (thinking on, as in the paper), or the OPSD teacher's
      prompt with --teacher-context;
   3. sample n completions per problem, many problems per sampler call: vLLM on GPU (the adapter as a LoRARequest),
-     HF generate on CPU (the adapter loaded with PEFT); a problem's samples depend only on --seed and the problem;
+     HF generate on CPU (the adapter loaded with PEFT) and for a --full-finetune run's checkpoints (whole models);
+     a problem's samples depend only on --seed and the problem;
   4. grade the last \\boxed{} against the gold answer (prompts.grade: math-verify + a normalised compare);
   5. per problem avg@n, pass@k (unbiased) and maj@k; means per benchmark and over all problems.
 Samples are appended to samples.jsonl after every sampler call, so a kill loses at most the call in flight
@@ -474,6 +475,10 @@ def main(argv=None):
             adapters.append(path)
         elif path is not None:
             full_models.append(path)
+    if full_models and args.sampler == "vllm":
+        raise prompts.UserError(f"--sampler vllm: {args.checkpoints} is a --full-finetune run, and vLLM (it serves "
+                                "--model, with adapters per call) cannot load a checkpoint's whole model; use "
+                                "--sampler hf")
 
     # 2. torchrun: ranks split the problems
     rank, world, device = opsd.init_distributed()
@@ -484,7 +489,8 @@ def main(argv=None):
     lock = plumbing.claim_out_dir(args.out_dir, args.resume, args.overwrite, master=rank == 0)  # held until the end
 
     # 4-5. model (+ adapter) and sampler: vLLM serves the base with the adapter as a LoRARequest; HF loads it with PEFT
-    kind = samplers.sampler_kind(args.sampler, device, lora=True)
+    # vLLM only for weights it can take per call, adapters: the checkpoints of a --full-finetune run go to HF
+    kind = samplers.sampler_kind(args.sampler, device, lora=not full_models)
     if kind == "vllm":
         # vLLM loads the base model itself, from --model; only the tokenizer is needed here
         from transformers import AutoTokenizer

@@ -523,6 +523,27 @@ def test_a_run_with_no_checkpoint_to_evaluate_is_an_error_naming_it(tiny, traine
         evaluate.main(cli(tiny, tmp_path / "out", "--checkpoints", str(run)))
 
 
+def test_checkpoints_of_a_full_finetune_run_are_whole_models_that_vllm_cannot_serve(tiny, tmp_path, monkeypatch):
+    """vLLM serves --model and takes adapters per call: it has no public API to load a whole checkpoint's weights, so
+    it would have sampled the base model under each checkpoint's name. HF loads each checkpoint in turn."""
+    run = tmp_path / "run"
+    sft.main(["--model", tiny["model"], "--data", tiny["data"], "--batch-size", "2", "--micro-batch-size", "2",
+              "--full-finetune", "--lr", "1e-2", "--max-steps", "2", "--save-every", "1", "--keep", "5",
+              "--no-compile", "--out-dir", str(run)])
+    with pytest.raises(prompts.UserError, match=r"--sampler vllm: .*--full-finetune run"):
+        evaluate.main(cli(tiny, tmp_path / "vllm", "--checkpoints", str(run), "--sampler", "vllm"))
+    lora_asked = []
+    sampler_kind = samplers.sampler_kind
+    monkeypatch.setattr(samplers, "sampler_kind", lambda kind, device, lora: lora_asked.append(lora) or
+                        sampler_kind(kind, device, lora))
+    loaded = []
+    load_weights = plumbing.load_weights
+    monkeypatch.setattr(plumbing, "load_weights", lambda path, model: loaded.append(path) or load_weights(path, model))
+    result = evaluate.main(cli(tiny, tmp_path / "auto", "--checkpoints", str(run), "--sampler", "auto"))
+    assert lora_asked[0] is False  # --sampler auto: HF on a GPU too
+    assert [c["step"] for c in result["curve"]] == [1, 2] and loaded == [str(run / "checkpoint-000002")]
+
+
 def test_the_out_dir_lock_is_released_when_eval_returns(tiny, tmp_path, monkeypatch):
     """The lock is closed by eval.py itself, not whenever its frame is collected: a lingering reference to it (a kept
     traceback holds every frame) once refused the next eval in the same process ("another run is writing there")."""
