@@ -518,8 +518,12 @@ def main(argv=None):
 
     # 6-7. sample, grade and summarise each set of weights (a finished one is skipped on --resume); 8. report
     largest_k = max(k for k in KS if k <= args.samples)  # the curve shows pass@k and maj@k at this k
-    # a settings file from before the dtype was recorded: taken as written at the default dtype (--dtype auto)
-    older_defaults = {"dtype": dtype_name(plumbing.compute_dtype(args._defaults["dtype"], device))}
+    # a settings file from before the dtype and sampler were recorded: taken as written at their defaults (auto)
+    default_dtype = plumbing.compute_dtype(args._defaults["dtype"], device)
+    default_sampler = kind
+    if args.sampler != args._defaults["sampler"]:
+        default_sampler = samplers.sampler_kind(args._defaults["sampler"], device, lora=not full_models)
+    older_defaults = {"dtype": dtype_name(default_dtype), "sampler": default_sampler}
     curve = []
     for path in weights:
         if args.checkpoints:
@@ -539,8 +543,10 @@ def main(argv=None):
             lora_request = None  # vLLM gets the adapter with each call; HF has it loaded in the model
             if sampler.kind == "vllm" and path in adapters:
                 lora_request = opsd.lora_request(path)
+            # the dtype and the sampler as computed (auto: bf16 and vLLM on a GPU, fp32 and HF on CPU); each samples
+            # differently from the same seed
             settings = {"model": args.model, "adapter": path, "data": args.data or args.benchmarks,
-                        "dtype": dtype_name(dtype)}  # the computed dtype: --dtype auto is bf16 on a GPU, fp32 on CPU
+                        "dtype": dtype_name(dtype), "sampler": sampler.kind}
             for name in SAMPLE_SETTINGS:
                 settings[name] = getattr(args, name)
             # a checkpoint's samples are always kept: the curve is resumable whether or not --resume is given

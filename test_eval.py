@@ -390,12 +390,25 @@ def test_resume_with_another_dtype_is_refused_and_names_it(tiny, tmp_path):
     assert evaluate.main(cli(tiny, tmp_path, "--resume"))["samples"] == 10  # auto: fp32 on CPU, the same
 
 
+def test_resume_with_another_sampler_is_refused_and_names_it(tiny, tmp_path):
+    """vLLM and HF draw different samples from the same seed: a resume must not mix them."""
+    evaluate.main(cli(tiny, tmp_path, "--limit", "2"))
+    settings_path = tmp_path / "samples.settings.json"
+    settings = json.load(open(settings_path))
+    assert settings["sampler"] == "hf"
+    settings["sampler"] = "vllm"  # as a run on a GPU writes it
+    settings_path.write_text(json.dumps(settings))
+    with pytest.raises(prompts.UserError, match=r"sampler: was 'vllm', now 'hf'"):
+        evaluate.main(cli(tiny, tmp_path, "--resume"))
+
+
 def test_a_settings_file_from_before_dtype_was_recorded_resumes_at_the_default(tiny, tmp_path):
-    """An option an older eval.py did not record is no change while it is at its default (auto: fp32 on CPU)."""
+    """An option an older eval.py did not record is no change while it is at its default (auto: fp32 and HF on
+    CPU)."""
     evaluate.main(cli(tiny, tmp_path / "old", "--limit", "2"))
     settings_path = tmp_path / "old" / "samples.settings.json"
     settings = json.load(open(settings_path))
-    del settings["dtype"]
+    del settings["dtype"], settings["sampler"]
     settings_path.write_text(json.dumps(settings))
     with pytest.raises(prompts.UserError, match=r"dtype: was 'float32' \(the default then\), now 'bfloat16'"):
         evaluate.main(cli(tiny, tmp_path / "old", "--resume", "--dtype", "bfloat16"))
