@@ -140,7 +140,9 @@ def adapter_problem(path):
     if killed_save(path):
         return "an incomplete checkpoint (a save killed midway)"
     if not os.path.exists(os.path.join(path, "adapter_config.json")):
-        return "no adapter_config.json there (for a --full-finetune run pass the checkpoint as --model)"
+        if os.path.exists(os.path.join(path, "config.json")):
+            return "no adapter_config.json there: a whole model (a --full-finetune checkpoint?), so pass it as --model"
+        return "no adapter_config.json there"
     try:
         adapter_config(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -210,7 +212,7 @@ def chosen_adapter(path):
     """--adapter: an adapter dir, or a run dir, which stands for its latest complete checkpoint."""
     latest = plumbing.follow_latest(path)
     if latest == path and glob.glob(os.path.join(path, "checkpoint-*")):
-        raise prompts.UserError(f"--adapter {path}: no complete checkpoint there (a run killed before its first save)")
+        raise prompts.UserError(f"--adapter {path}: no complete checkpoint there")
     why = adapter_problem(latest)
     if why:
         raise prompts.UserError(f"--adapter {latest}: {why}")
@@ -456,7 +458,8 @@ def load_problems(args):
 
 
 def main(argv=None):
-    # 1. config; the weights to evaluate: the base, an adapter (a run dir: its latest), or each checkpoint of a run
+    # 1. config; the weights to evaluate: the base, an adapter (a run dir: its latest), or each checkpoint of a run,
+    # all checked before anything loads
     args = plumbing.parse_config(get_parser(), argv)
     check_options(args)
     base_problem = model_problem(args.model)
@@ -488,8 +491,8 @@ def main(argv=None):
     records = load_problems(args)
     lock = plumbing.claim_out_dir(args.out_dir, args.resume, args.overwrite, master=rank == 0)  # held until the end
 
-    # 4-5. model (+ adapter) and sampler: vLLM serves the base with the adapter as a LoRARequest; HF loads it with PEFT
-    # vLLM only for weights it can take per call, adapters: the checkpoints of a --full-finetune run go to HF
+    # 4-5. model (+ adapter) and sampler: vLLM serves the base with the adapter as a LoRARequest; HF loads it with
+    # PEFT. A --full-finetune run's checkpoints go to HF: vLLM takes new weights per call only as adapters
     kind = samplers.sampler_kind(args.sampler, device, lora=not full_models)
     if kind == "vllm":
         # vLLM loads the base model itself, from --model; only the tokenizer is needed here

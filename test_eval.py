@@ -235,6 +235,8 @@ def test_a_user_error_is_one_line_on_stderr_and_exit_status_2(tiny, tmp_path):
 def test_an_adapter_dir_without_adapter_config_names_the_option(tiny, tmp_path):
     with pytest.raises(prompts.UserError, match="--adapter"):
         evaluate.main(cli(tiny, tmp_path, "--adapter", str(tmp_path)))
+    with pytest.raises(prompts.UserError, match=r"--adapter .*: a whole model .*pass it as --model"):
+        evaluate.main(cli(tiny, tmp_path / "out", "--adapter", tiny["model"]))
 
 
 def model_dir_without_weights(tiny, path):
