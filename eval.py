@@ -5,13 +5,15 @@ Evaluate a base model, a trained adapter, or every checkpoint of a run on the pa
   2. prompt: prompts.student_prompt_ids, the prompt training uses (thinking on, as in the paper), or the OPSD teacher's
      prompt with --teacher-context;
   3. sample n completions per problem, many problems per sampler call: vLLM on GPU (the adapter as a LoRARequest),
-     HF generate on CPU (the adapter loaded with PEFT); a problem's samples depend only on --seed and the problem;
+     HF generate on CPU (the adapter loaded with PEFT) and for a --full-finetune run's checkpoints (whole models);
+     a problem's samples depend only on --seed and the problem;
   4. grade the last \\boxed{} against the gold answer (prompts.grade: math-verify + a normalised compare);
   5. per problem avg@n, pass@k (unbiased) and maj@k; means per benchmark and over all problems.
 Samples are appended to samples.jsonl after every sampler call, so a kill loses at most the call in flight
 (--batch-size problems x --samples samples), and `--resume` samples only what is missing, with the same summary.
 `--checkpoints RUN_DIR` evaluates every checkpoint of a training run (one sub-directory each; `--resume` skips the
-finished ones) and writes the curve, curve.md and curve.png: pick the best checkpoint, not the last.
+finished ones) and writes the curve, curve.md and curve.png: pick the best checkpoint, not the last. A checkpoint that
+cannot be evaluated (incomplete, or its weights unreadable) is skipped with a line saying why.
 
 Departures from the official OPSD eval code: the prompt is the training prompt (theirs differ); only the last \\boxed{}
 is parsed (math-verify's default also grades unboxed text); AMO-Bench rows that need an LLM judge are dropped;
@@ -50,7 +52,8 @@ def get_parser():
     parser.presets = {}
     plumbing.model_options(parser, lora=False)
     group = parser.add_argument_group("weights")
-    group.add_argument("--adapter", default=None, help="a PEFT adapter dir, or a run dir (its latest checkpoint)")
+    group.add_argument("--adapter", default=None,
+                       help="a PEFT adapter dir, or a run dir (its latest complete checkpoint)")
     group.add_argument("--checkpoints", default=None, help="a run dir: evaluate every checkpoint in it, and the curve")
     group = parser.add_argument_group("data")
     group.add_argument("--benchmarks", default="aime24,aime25,hmmt25,amobench", help="comma-separated BENCHMARKS keys")
@@ -67,6 +70,153 @@ def get_parser():
     group.add_argument("--overwrite", action="store_true", help="delete an earlier evaluation's files first")
     group.add_argument("--resume", action="store_true", help="keep finished samples (and checkpoints); sample the rest")
     return parser
+
+
+def check_options(args):
+    """Combinations that cannot be what the user meant. An option given on the command line that does nothing in this
+    combination is an error naming it (plumbing.refuse_inert); eval.py's own defaults (top-p 0.95) never are."""
+    if args.adapter and args.checkpoints:
+        raise prompts.UserError("--adapter and --checkpoints: give one (--checkpoints evaluates every checkpoint)")
+    if args.resume and args.overwrite:
+        raise prompts.UserError("--resume and --overwrite: pick one (--resume keeps the finished samples, --overwrite "
+                                "deletes them)")
+    greedy = args.temperature == 0
+    plumbing.refuse_inert(args, [
+        ("samples", greedy and args.samples > 1, "with --temperature 0: greedy samples are all the same, so avg@n is "
+                                                 "avg@1 (use --samples 1, or a temperature above 0)"),
+        ("top_p", greedy and args.top_p < 1, "with --temperature 0 (greedy: the most likely token, always)"),
+        ("sampling_top_k", greedy and args.sampling_top_k > 0, "with --temperature 0 (greedy: the most likely token, "
+                                                               "always)"),
+        ("benchmarks", args.data is not None, "with --data (the problems come from the file)"),
+    ])
+
+
+# the weights to evaluate are checked before anything loads: a missing or truncated file is one line naming it, not
+# a traceback from transformers or PEFT after the model (or half a curve) has loaded
+
+
+def unreadable(file):
+    """Why a .safetensors file cannot be read, or None. Its header lists where each tensor ends: a file cut short
+    (a full disk, a killed copy) does not fit it, and opening it says so without reading the tensors."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(file, "pt"):
+            return None
+    except (SafetensorError, OSError) as e:
+        return f"{type(e).__name__}: {str(e)[:200]}"
+
+
+def model_problem(path):
+    """Why a local model directory (--model, or a --full-finetune checkpoint) has no weights to load, or None. An
+    HF id (no such directory) is downloaded and checked by transformers."""
+    if not os.path.isdir(path):
+        return None
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    pytorch_bins = glob.glob(os.path.join(path, "pytorch_model*.bin"))  # older checkpoints; transformers loads them
+    if not files and not pytorch_bins:
+        return "no weights there (no *.safetensors, no pytorch_model*.bin)"
+    for file in files:
+        why = unreadable(file)
+        if why:
+            return f"{os.path.basename(file)} is unreadable ({why})"
+    return None
+
+
+def adapter_config(path):
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        return json.load(f)
+
+
+def killed_save(path):
+    """checkpoint-N.tmp: a save killed midway (the plumbing renames it to checkpoint-N once every file is written)."""
+    name = os.path.basename(os.path.normpath(path))
+    return name.endswith(".tmp") and plumbing.checkpoint_step(name.removesuffix(".tmp")) is not None
+
+
+def adapter_problem(path):
+    """Why `path` is not a PEFT adapter to evaluate, or None."""
+    if not os.path.isdir(path):
+        return "no such directory"
+    if killed_save(path):
+        return "an incomplete checkpoint (a save killed midway)"
+    if not os.path.exists(os.path.join(path, "adapter_config.json")):
+        if os.path.exists(os.path.join(path, "config.json")):
+            return "no adapter_config.json there: a whole model (a --full-finetune checkpoint?), so pass it as --model"
+        return "no adapter_config.json there"
+    try:
+        adapter_config(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"adapter_config.json is unreadable ({type(e).__name__}: {e})"
+    weights = os.path.join(path, "adapter_model.safetensors")
+    if os.path.exists(weights):
+        why = unreadable(weights)
+        if why:
+            return f"adapter_model.safetensors is unreadable ({why})"
+        return None
+    if os.path.exists(os.path.join(path, "adapter_model.bin")):  # PEFT's older format: PEFT and vLLM still load it
+        return None
+    return "no adapter_model.safetensors there"
+
+
+def is_adapter(path):
+    adapter_files = [os.path.join(path, name) for name in ("adapter_config.json", "adapter_model.safetensors")]
+    return any(os.path.exists(file) for file in adapter_files)
+
+
+def weights_problem(path):
+    """Why a checkpoint's weights (an adapter, or a --full-finetune run's whole model) cannot be evaluated, or None."""
+    if is_adapter(path):
+        return adapter_problem(path)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        return "no adapter_config.json or config.json there (neither an adapter nor a model)"
+    return model_problem(path)
+
+
+def why_incomplete(path):
+    """What a checkpoint that plumbing.complete_checkpoints leaves out lacks."""
+    if killed_save(path):
+        return "an incomplete checkpoint (a save killed midway)"
+    needed = ["run.json", "trainer_state.pt", "rng_rank0.pt", os.path.basename(plumbing.weights_file(path))]
+    missing = [name for name in needed if not os.path.exists(os.path.join(path, name))]
+    return f"an incomplete checkpoint (no {', '.join(missing)})"
+
+
+def checkpoints_to_evaluate(run_dir):
+    """--checkpoints: the run's checkpoints that can be evaluated, oldest first. Each of the others is skipped with a
+    line saying why (incomplete, or its weights unreadable): one bad checkpoint must not cost the whole curve."""
+    if not os.path.isdir(run_dir):
+        raise prompts.UserError(f"--checkpoints {run_dir}: no such directory")
+    complete = plumbing.complete_checkpoints(run_dir)
+    found = []
+    for path in glob.glob(os.path.join(run_dir, "checkpoint-*")):
+        if plumbing.checkpoint_step(path) is not None or killed_save(path):
+            found.append(path)
+    # in step order, a killed re-save after the checkpoint of its step
+    found.sort(key=lambda path: (plumbing.checkpoint_step(path.removesuffix(".tmp")), killed_save(path)))
+    chosen = []
+    for path in found:
+        if path in complete:
+            why = weights_problem(path)
+        else:
+            why = why_incomplete(path)
+        if why:
+            plumbing.print0(f"eval: skipping {path}: {why}")
+        else:
+            chosen.append(path)
+    if not chosen:
+        raise prompts.UserError(f"--checkpoints {run_dir}: no checkpoint there can be evaluated")
+    return chosen
+
+
+def chosen_adapter(path):
+    """--adapter: an adapter dir, or a run dir, which stands for its latest complete checkpoint."""
+    latest = plumbing.follow_latest(path)
+    if latest == path and glob.glob(os.path.join(path, "checkpoint-*")):
+        raise prompts.UserError(f"--adapter {path}: no complete checkpoint there")
+    why = adapter_problem(latest)
+    if why:
+        raise prompts.UserError(f"--adapter {latest}: {why}")
+    return latest
 
 # -----------------------------------------------------------------------------
 # 6. sample and grade, resumably: one samples file per rank, appended after each sampler call
@@ -91,34 +241,49 @@ def finished_samples(out_path, rank, world):
     return done
 
 
-def check_settings(path, settings):
-    """The settings that produced a samples file live beside it: a resume with others would mix two evaluations."""
+def check_settings(path, settings, older_defaults=None):
+    """The settings that produced a samples file live beside it: a resume with others would mix two evaluations.
+    older_defaults: what a setting that an older eval.py did not record stood for (its default then), so that a
+    resume at that default goes on."""
     with open(path) as f:
         saved = json.load(f)
-    changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
-    if changed:
-        raise prompts.UserError(f"--resume: {path} was written with other settings: " + "; ".join(
-            f"{k}: was {old!r}, now {new!r}" for k, (old, new) in changed.items()) +
-            " (use a new --out-dir, or --overwrite to start over)")
+    older_defaults = older_defaults or {}
+    changes = []
+    for name, value in settings.items():
+        if name in saved:
+            old = saved[name]
+            then = ""
+        else:
+            old = older_defaults.get(name)
+            then = " (the default then)" if name in older_defaults else ""
+        if old != value:
+            changes.append(f"{name}: was {old!r}{then}, now {value!r}")
+    if changes:
+        raise prompts.UserError(f"--resume: {path} was written with other settings: {'; '.join(changes)} (use a new "
+                                "--out-dir, or --overwrite to start over)")
 
 
 def run_eval(tokenizer, records, sampler, *, n, sampling, thinking, seed=0, teacher_context=None, rank=0, world=1,
-             out_path=None, resume=False, settings=None, batch_size=64, lora_request=None, progress=False) -> dict:
+             out_path=None, resume=False, settings=None, older_defaults=None, batch_size=64, lora_request=None,
+             progress=False) -> dict:
     """Evaluate `records` (prompts.load_records dicts; an optional "benchmark" key groups them) with n samples per
     problem. Under torchrun this rank does problems range(rank, N, world) and the sums are all-reduced: every rank
     returns the same summary. With `out_path` every sample is appended there once its sampler call returns;
-    `resume` keeps the samples already written (and refuses other `settings` than those saved beside them)."""
+    `resume` keeps the samples already written (and refuses other `settings` than those saved beside them;
+    older_defaults: check_settings)."""
     ks = [k for k in KS if k <= n]
 
     def key(record):
         return record.get("benchmark", "data"), record["id"]
     benchmarks = list(dict.fromkeys(key(r)[0] for r in records))  # the same order on every rank
-    mine, done, file = records[rank::world], {}, None
+    mine = records[rank::world]
+    done = {}  # (benchmark, problem id, sample) -> the row a stopped run wrote
+    file = None
     if out_path:
         settings_path = os.path.splitext(out_path)[0] + ".settings.json"
         if resume:
             if settings is not None and os.path.exists(settings_path):
-                check_settings(settings_path, settings)
+                check_settings(settings_path, settings, older_defaults)
             done = finished_samples(out_path, rank, world)
         if world > 1:
             dist.barrier()  # every rank has read the files before any rank writes
@@ -139,7 +304,8 @@ def run_eval(tokenizer, records, sampler, *, n, sampling, thinking, seed=0, teac
                                        teacher_context)
         new = []
         for i, row in enumerate(rows):
-            record, s = chunk[i // n], i % n
+            record = chunk[i // n]  # the rows are n per record, in order
+            s = i % n
             if s not in results[key(record)]:  # kept from the stopped run otherwise
                 row = {"benchmark": key(record)[0], "problem_id": record["id"], "sample": s, **row}
                 results[key(record)][s] = row
@@ -181,14 +347,17 @@ def maj_at_k(answers, correct, k):
 
 def problem_metrics(samples, ks):
     """One problem's sums: samples, correct, length, pass@k, maj@k; samples are rows in sample order."""
-    n, c = len(samples), sum(s["correct"] for s in samples)
-    answers, correct = [s["extracted"] for s in samples], [s["correct"] for s in samples]
+    n = len(samples)
+    c = sum(s["correct"] for s in samples)
+    answers = [s["extracted"] for s in samples]
+    correct = [s["correct"] for s in samples]
     return {"problems": 1, "samples": n, "correct": c, "length": sum(s["length"] for s in samples),
             **{f"pass@{k}": pass_at_k(n, c, k) for k in ks}, **{f"maj@{k}": maj_at_k(answers, correct, k) for k in ks}}
 
 
 def summarize(sums, ks):
-    problems, samples = max(sums["problems"], 1), max(sums["samples"], 1)
+    problems = max(sums["problems"], 1)
+    samples = max(sums["samples"], 1)
     return {"avg": sums["correct"] / samples, **{f"pass@{k}": sums[f"pass@{k}"] / problems for k in ks},
             **{f"maj@{k}": sums[f"maj@{k}"] / problems for k in ks}, "mean_length": sums["length"] / samples,
             "problems": int(sums["problems"]), "samples": int(sums["samples"])}
@@ -251,88 +420,155 @@ def write_curve(out_dir, curve):
 # -----------------------------------------------------------------------------
 # 9. the run
 
+# the options that decide a problem's samples, kept beside the samples file (a resume with others is refused)
+SAMPLE_SETTINGS = ("teacher_context", "temperature", "top_p", "sampling_top_k", "max_new_tokens", "thinking", "seed")
+
+
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")  # "bfloat16": JSON holds names, not torch dtypes
+
+
+def load_problems(args):
+    """The problems of --data, or of each --benchmarks key, each with its "benchmark" (the name it is reported
+    under); only the fields this evaluation needs are required."""
+    require = ["problem", "answer"]
+    if args.teacher_context == "solution":
+        require.append("solution")  # the teacher's prompt shows it
+    if args.data:
+        name = os.path.splitext(os.path.basename(args.data))[0]
+        sources = [(name, args.data)]
+    else:
+        names = [name.strip() for name in args.benchmarks.split(",") if name.strip()]
+        if not names:
+            raise prompts.UserError(f"--benchmarks {args.benchmarks!r} names no benchmark; give comma-separated keys "
+                                    f"of {sorted(prompts.BENCHMARKS)} (or --data)")
+        unknown = [name for name in names if name not in prompts.BENCHMARKS]
+        if unknown:
+            raise prompts.UserError(f"--benchmarks: unknown {unknown}; known: {sorted(prompts.BENCHMARKS)} (or --data)")
+        twice = [name for name in dict.fromkeys(names) if names.count(name) > 1]
+        if twice:  # its problems would be sampled twice and counted once
+            raise prompts.UserError(f"--benchmarks: {', '.join(twice)} twice")
+        sources = [(name, name) for name in names]
+    records = []
+    for name, source in sources:
+        for record in prompts.load_records(source, None, require=tuple(require), limit=args.limit):
+            records.append({**record, "benchmark": name})
+    return records
+
+
 
 def main(argv=None):
-    # 1. config; the weights to evaluate: the base, an adapter (a run dir: its latest), or each checkpoint of a run
+    # 1. config; the weights to evaluate: the base, an adapter (a run dir: its latest), or each checkpoint of a run,
+    # all checked before anything loads
     args = plumbing.parse_config(get_parser(), argv)
-    if args.adapter and args.checkpoints:
-        raise prompts.UserError("--adapter and --checkpoints: give one (--checkpoints evaluates every checkpoint)")
+    check_options(args)
+    base_problem = model_problem(args.model)
+    if base_problem:
+        raise prompts.UserError(f"--model {args.model}: {base_problem}")
     if args.checkpoints:
-        weights = plumbing.complete_checkpoints(args.checkpoints)
-        if not weights:
-            raise prompts.UserError(f"--checkpoints {args.checkpoints}: no complete checkpoint there")
+        weights = checkpoints_to_evaluate(args.checkpoints)
+    elif args.adapter:
+        weights = [chosen_adapter(args.adapter)]
     else:
-        weights = [plumbing.follow_latest(args.adapter)] if args.adapter else [None]
-    adapters = [w for w in weights if w and os.path.exists(os.path.join(w, "adapter_config.json"))]
-    if args.adapter and not adapters:
-        raise prompts.UserError(f"--adapter {weights[0]}: no adapter_config.json there (for a --full-finetune run pass "
-                                "the checkpoint as --model)")
+        weights = [None]  # the base model
+    adapters = []
+    full_models = []  # --checkpoints of a --full-finetune run: whole models
+    for path in weights:
+        if path is not None and is_adapter(path):
+            adapters.append(path)
+        elif path is not None:
+            full_models.append(path)
+    if full_models and args.sampler == "vllm":
+        raise prompts.UserError(f"--sampler vllm: {args.checkpoints} is a --full-finetune run, and vLLM (it serves "
+                                "--model, with adapters per call) cannot load a checkpoint's whole model; use "
+                                "--sampler hf")
+
     # 2. torchrun: ranks split the problems
     rank, world, device = opsd.init_distributed()
     dtype = plumbing.compute_dtype(args.dtype, device)
+
     # 3. data, before any model loads: a broken row costs a second
-    require = ("problem", "answer") + (("solution",) if args.teacher_context == "solution" else ())
-    sources = [(os.path.splitext(os.path.basename(args.data))[0], args.data)] if args.data else \
-        [(name.strip(), name.strip()) for name in args.benchmarks.split(",") if name.strip()]
-    unknown = [name for name, _ in sources if not args.data and name not in prompts.BENCHMARKS]
-    if unknown:
-        raise prompts.UserError(f"--benchmarks: unknown {unknown}; known: {sorted(prompts.BENCHMARKS)} (or --data)")
-    records = [{**r, "benchmark": name} for name, source in sources
-               for r in prompts.load_records(source, None, require=require, limit=args.limit)]
+    records = load_problems(args)
     lock = plumbing.claim_out_dir(args.out_dir, args.resume, args.overwrite, master=rank == 0)  # held until the end
-    # 4-5. model (+ adapter) and sampler: vLLM serves the base with the adapter as a LoRARequest; HF loads it with PEFT
-    lora_rank = json.load(open(os.path.join(adapters[0], "adapter_config.json")))["r"] if adapters else None
-    full = [w for w in weights if w and w not in adapters]  # --checkpoints of a --full-finetune run: whole models
-    kind = samplers.sampler_kind(args.sampler, device, lora=True)
-    model, tokenizer = (None, None) if kind == "vllm" else opsd.load_model(full[0] if full else args.model, device,
-                                                                           dtype)
+
+    # 4-5. model (+ adapter) and sampler: vLLM serves the base with the adapter as a LoRARequest; HF loads it with
+    # PEFT. A --full-finetune run's checkpoints go to HF: vLLM takes new weights per call only as adapters
+    kind = samplers.sampler_kind(args.sampler, device, lora=not full_models)
     if kind == "vllm":
+        # vLLM loads the base model itself, from --model; only the tokenizer is needed here
         from transformers import AutoTokenizer
+        model = None
         tokenizer = AutoTokenizer.from_pretrained(args.model)
-    elif adapters:
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, adapters[0])
+    else:
+        # the model holds the first weights to evaluate; the later checkpoints are loaded into it one by one
+        if full_models:
+            model, tokenizer = opsd.load_model(full_models[0], device, dtype)
+        else:
+            model, tokenizer = opsd.load_model(args.model, device, dtype)
+        if adapters:
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, adapters[0])
+    lora_rank = None
+    if adapters:
+        lora_rank = adapter_config(adapters[0])["r"]  # the largest adapter vLLM must make room for
     sampler = samplers.make_sampler(kind, model, tokenizer, args.model, device, dtype, lora_rank, args.seed,
-                                args.vllm_gpu_memory, world, sleep=False)
-    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                    top_k=args.sampling_top_k)
+                                    args.vllm_gpu_memory, world, sleep=False)
+    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                "top_k": args.sampling_top_k}
     plumbing.print0(f"{len(records)} problems x {args.samples} samples x {len(weights)} weights | {args.model} | "
                     f"T={args.temperature} top_p={args.top_p} thinking={args.thinking} | {type(sampler).__name__} | "
                     f"{world} ranks | writing to {args.out_dir}")
+
     # 6-7. sample, grade and summarise each set of weights (a finished one is skipped on --resume); 8. report
+    largest_k = max(k for k in KS if k <= args.samples)  # the curve shows pass@k and maj@k at this k
+    # a settings file from before the dtype and sampler were recorded: taken as written at their defaults (auto)
+    default_dtype = plumbing.compute_dtype(args._defaults["dtype"], device)
+    default_sampler = kind
+    if args.sampler != args._defaults["sampler"]:
+        default_sampler = samplers.sampler_kind(args._defaults["sampler"], device, lora=not full_models)
+    older_defaults = {"dtype": dtype_name(default_dtype), "sampler": default_sampler}
     curve = []
     for path in weights:
-        out_dir = os.path.join(args.out_dir, os.path.basename(path)) if args.checkpoints else args.out_dir
+        if args.checkpoints:
+            out_dir = os.path.join(args.out_dir, os.path.basename(path))  # a directory per checkpoint
+        else:
+            out_dir = args.out_dir
+        samples_path = os.path.join(out_dir, "samples.jsonl")
         summary_path = os.path.join(out_dir, "summary.json")
-        if args.resume and args.checkpoints and os.path.exists(summary_path):
-            summary = json.load(open(summary_path))
+        finished = args.resume and args.checkpoints and os.path.exists(summary_path)
+        if finished:
+            with open(summary_path) as f:
+                summary = json.load(f)
             plumbing.print0(f"eval: {path} done already, skipped")
         else:
-            if path in full and path != full[0]:
-                plumbing.load_weights(path, model)
-            elif path in adapters and sampler.kind == "hf" and path != adapters[0]:
-                plumbing.load_weights(path, model)
-            settings = {"model": args.model, "adapter": path, "data": args.data or args.benchmarks,
-                        **{k: getattr(args, k) for k in ("teacher_context", "temperature", "top_p", "sampling_top_k",
-                                                         "max_new_tokens", "thinking", "seed")}}
-            lora_request = None  # vLLM gets the adapter per call; HF has it loaded in the model
-            if path in adapters and sampler.kind == "vllm":
+            if sampler.kind == "hf" and path is not None and path != weights[0]:
+                plumbing.load_weights(path, model)  # the model was loaded with the first weights
+            lora_request = None  # vLLM gets the adapter with each call; HF has it loaded in the model
+            if sampler.kind == "vllm" and path in adapters:
                 lora_request = opsd.lora_request(path)
+            # the dtype and the sampler as computed (auto: bf16 and vLLM on a GPU, fp32 and HF on CPU); each samples
+            # differently from the same seed
+            settings = {"model": args.model, "adapter": path, "data": args.data or args.benchmarks,
+                        "dtype": dtype_name(dtype), "sampler": sampler.kind}
+            for name in SAMPLE_SETTINGS:
+                settings[name] = getattr(args, name)
+            # a checkpoint's samples are always kept: the curve is resumable whether or not --resume is given
+            resume = args.resume or bool(args.checkpoints)
             summary = run_eval(tokenizer, records, sampler, n=args.samples, sampling=sampling, thinking=args.thinking,
                                seed=args.seed, teacher_context=args.teacher_context, rank=rank, world=world,
-                               out_path=os.path.join(out_dir, "samples.jsonl"),
-                               resume=args.resume or bool(args.checkpoints),
-                               settings=settings, batch_size=args.batch_size, progress=True,
-                               lora_request=lora_request)
+                               out_path=samples_path, resume=resume, settings=settings,
+                               older_defaults=older_defaults, batch_size=args.batch_size, lora_request=lora_request,
+                               progress=True)
             if rank == 0:
                 with open(summary_path, "w") as f:
                     json.dump({**summary, "config": plumbing.settings_of(args)}, f, indent=2)
                 print(format_table(summary), flush=True)
-                print(f"eval: samples in {os.path.join(out_dir, 'samples.jsonl')}, summary in {summary_path}",
-                      flush=True)
-        top = max(k for k in KS if k <= args.samples)
-        curve.append({"step": plumbing.checkpoint_step(path) if path else 0, "avg": summary["avg"],
-                      "pass": summary[f"pass@{top}"], "maj": summary[f"maj@{top}"], "length": summary["mean_length"]})
+                print(f"eval: samples in {samples_path}, summary in {summary_path}", flush=True)
+        step = 0
+        if path is not None:
+            step = plumbing.checkpoint_step(path)
+        curve.append({"step": step, "avg": summary["avg"], "pass": summary[f"pass@{largest_k}"],
+                      "maj": summary[f"maj@{largest_k}"], "length": summary["mean_length"]})
     sampler.close()  # before the process group goes: vLLM's shutdown uses it
     if rank == 0 and args.checkpoints:
         print(write_curve(args.out_dir, curve), flush=True)
@@ -340,8 +576,10 @@ def main(argv=None):
         dist.destroy_process_group()
     if lock:  # closed here, not when this frame is collected (a kept traceback can hold it for a long time)
         lock.close()
-    summary = {k: v for k, v in summary.items() if k != "config"}
-    return {**summary, "curve": curve} if args.checkpoints else summary
+    summary = {k: v for k, v in summary.items() if k != "config"}  # a summary.json read back holds the run's options
+    if args.checkpoints:
+        return {**summary, "curve": curve}
+    return summary
 
 
 if __name__ == "__main__":

@@ -210,21 +210,32 @@ class UserError(ValueError):
 
 
 def read_jsonl(path: str, torn_tail_ok: bool = False) -> tuple[list[dict], int]:
-    """(rows, bytes of complete lines) of a JSON-lines file; a bad line is an error naming the file and line.
-    torn_tail_ok: a last line without its newline is a writer killed mid-line (a log, a samples file): it is
-    left out, and the byte count lets the caller cut it off before appending. Otherwise it is a row."""
+    """(rows, bytes of complete lines) of a JSON-lines file; a bad line (not UTF-8, not JSON) is an error naming
+    the file and line. torn_tail_ok: a last line without its newline is a writer killed mid-line (a log, a samples
+    file): it is left out, and the byte count lets the caller cut it off before appending. Otherwise it is a row."""
     rows, complete = [], 0
     with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
             if torn_tail_ok and not line.endswith(b"\n"):
                 break
-            if line.strip():
+            text = _utf8_text(path, line, number)
+            if text.strip():
                 try:
-                    rows.append(json.loads(line))
+                    rows.append(json.loads(text))
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}: line {number} is not valid JSON ({e})") from e
             complete += len(line)
     return rows, complete
+
+
+def _utf8_text(path: str, data: bytes, first_line: int = 1) -> str:
+    """`data` (read from `path`, starting at line `first_line`) as text. JSON files are UTF-8: other bytes (a file
+    saved as Latin-1) are an error naming the file and the line they are on, not a UnicodeDecodeError."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + data.count(b"\n", 0, e.start)
+        raise UserError(f"{path}: line {line} is not UTF-8 (byte {data[e.start]:#04x}: {e.reason})") from e
 
 
 def _read_rows(source: str, split: str | None) -> list[dict]:
@@ -237,8 +248,8 @@ def _read_rows(source: str, split: str | None) -> list[dict]:
             import pyarrow.parquet  # a dependency of datasets; lighter than building a Dataset
             return pyarrow.parquet.read_table(source).to_pylist()
         if source.endswith(".json"):
-            with open(source, encoding="utf-8") as f:
-                text = f.read()
+            with open(source, "rb") as f:
+                text = _utf8_text(source, f.read())
             if text.lstrip().startswith("["):
                 try:
                     return json.loads(text)
@@ -364,17 +375,35 @@ _cache: dict[tuple[str, str], bool] = {}  # math-verify's verdicts: GRPO rollout
 _gave_up: dict[tuple[str, str], float] = {}
 
 
+def _gone(pid):
+    """Whether process `pid` has exited. On Linux a process killed but not yet reaped by its own parent is a zombie:
+    gone, though its pid still answers os.kill(pid, 0), and it stays one for as long as that parent does not wait
+    for it. So read its state from /proc (Z: zombie, X: dead); os.kill is the fallback where there is no /proc."""
+    if os.path.isdir("/proc/self"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except FileNotFoundError:
+            return True
+        state = stat.rsplit(")", 1)[1].split()[0]  # after the command name, which may hold spaces and ")"
+        return state in ("Z", "X")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 def _serve_grader(parent):
     """The worker: one JSON [gold, prediction] per stdin line, "1" or "0" per stdout line. It must not outlive a
     killed parent, and sympy can compute for minutes without reading stdin or releasing the GIL (one huge integer
     power), so a thread of its own could not notice: a forked watchdog process kills it when the parent is gone."""
     if os.fork() == 0:
-        os.close(0), os.close(1)  # the pipes are the worker's: its death must read as EOF at once
+        os.close(0)  # the pipes are the worker's: its death must read as EOF at once
+        os.close(1)
         worker = os.getppid()
         while os.getppid() == worker:  # the worker lives...
-            try:
-                os.kill(parent, 0)  # ...and so does its parent
-            except ProcessLookupError:
+            if _gone(parent):  # ...and its parent does not
                 os.kill(worker, 9)
             time.sleep(0.5)
         os._exit(0)

@@ -1,8 +1,12 @@
 """eval.py on CPU: the metrics against brute force and hand-made cases, and eval.main end to end on a tiny
 random Qwen3 (base, with an adapter, resumed after a stop, and on a broken data file)."""
+import glob
 import itertools
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -22,7 +26,7 @@ def tiny(tmp_path_factory):
     return toy.build_tiny(tmp_path_factory.mktemp("eval"), split="test", n_problems=5)
 
 
-def cli(tiny, out_dir, *extra, n=2, temperature="0"):
+def cli(tiny, out_dir, *extra, n=2, temperature="1.0"):
     return ["--model", tiny["model"], "--data", tiny["data"], "--samples", str(n), "--temperature", temperature,
             "--max-new-tokens", "12", "--no-thinking", "--sampler", "hf", "--out-dir", str(out_dir), *extra]
 
@@ -141,18 +145,20 @@ def test_adapter_is_loaded_and_changes_the_outputs(tiny, tmp_path):
     assert base["samples"] == tuned["samples"]
 
 
-@pytest.mark.parametrize("temperature", ["0", "1.0"], ids=["greedy", "sampled"])
-def test_resume_samples_only_the_missing_problems_and_gives_the_same_summary(tiny, tmp_path, monkeypatch, temperature):
+@pytest.mark.parametrize("temperature,n", [("0", 1), ("1.0", 2)], ids=["greedy", "sampled"])
+def test_resume_samples_only_the_missing_problems_and_gives_the_same_summary(tiny, tmp_path, monkeypatch, temperature,
+                                                                             n):
     """Sampled too: a problem's samples depend only on --seed and the problem, not on what the process sampled before
     (the resumed run samples problems 2-4 in a call of its own, a different batch from the uninterrupted run's)."""
-    full = evaluate.main(cli(tiny, tmp_path / "full", temperature=temperature))
+    full = evaluate.main(cli(tiny, tmp_path / "full", n=n, temperature=temperature))
     lines = open(tmp_path / "full" / "samples.jsonl").readlines()
     stopped = tmp_path / "stopped"
     stopped.mkdir()
-    # problems 0-1 finished, problem 2 half-written, and a line cut off mid-write (no newline)
+    # problems 0-1 finished, problem 2 half-written (n > 1), and a line cut off mid-write (no newline)
+    kept = 2 * n + (n - 1)
     with open(stopped / "samples.jsonl", "w") as f:
-        f.writelines(lines[:5])
-        f.write(lines[5][:20])
+        f.writelines(lines[:kept])
+        f.write(lines[kept][:20])
     asked = []
     generate = samplers.HFSampler.generate
 
@@ -160,18 +166,18 @@ def test_resume_samples_only_the_missing_problems_and_gives_the_same_summary(tin
         asked.extend(prompt_ids)
         return generate(self, prompt_ids, *args, **kwargs)
     monkeypatch.setattr(samplers.HFSampler, "generate", spy)
-    resumed = evaluate.main(cli(tiny, stopped, "--resume", temperature=temperature))
+    resumed = evaluate.main(cli(tiny, stopped, "--resume", n=n, temperature=temperature))
     records = prompts.load_records(tiny["data"])
     assert asked == [prompts.student_prompt_ids(tiny["tokenizer"], r["problem"], False) for r in records[2:]]
     assert resumed == full
     rows = read_rows(stopped / "samples.jsonl")  # every line whole, none twice
-    check_consistent(resumed, rows, 5, 2)
+    check_consistent(resumed, rows, 5, n)
     key = lambda r: (r["problem_id"], r["sample"])  # noqa: E731
     uninterrupted = read_rows(tmp_path / "full" / "samples.jsonl")
     assert sorted(map(json.dumps, sorted(rows, key=key))) == sorted(map(json.dumps, sorted(uninterrupted, key=key)))
     # resuming a finished run samples nothing
     asked.clear()
-    assert evaluate.main(cli(tiny, stopped, "--resume", temperature=temperature)) == full and asked == []
+    assert evaluate.main(cli(tiny, stopped, "--resume", n=n, temperature=temperature)) == full and asked == []
 
 
 def test_a_used_out_dir_is_refused_unless_overwrite_or_resume(tiny, tmp_path):
@@ -206,9 +212,118 @@ def test_unknown_benchmark_names_the_option(tiny, tmp_path):
         evaluate.main(["--model", tiny["model"], "--benchmarks", "aime24,nope", "--out-dir", str(tmp_path)])
 
 
+@pytest.mark.parametrize("benchmarks", [",", " , ,", ""])
+def test_benchmarks_that_name_no_benchmark_are_an_error_naming_the_option(tiny, tmp_path, benchmarks):
+    with pytest.raises(prompts.UserError, match="--benchmarks .*names no benchmark"):
+        evaluate.main(["--model", tiny["model"], "--benchmarks", benchmarks, "--out-dir", str(tmp_path)])
+
+
+def test_a_benchmark_named_twice_is_an_error_naming_it(tiny, tmp_path):
+    with pytest.raises(prompts.UserError, match="--benchmarks: aime24 twice"):
+        evaluate.main(["--model", tiny["model"], "--benchmarks", "aime24, aime24", "--out-dir", str(tmp_path)])
+
+
+def test_a_user_error_is_one_line_on_stderr_and_exit_status_2(tiny, tmp_path):
+    here = os.path.dirname(os.path.abspath(__file__))
+    command = [sys.executable, os.path.join(here, "eval.py"), "--model", tiny["model"], "--benchmarks", ",",
+               "--out-dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith("error: --benchmarks") and result.stderr.count("\n") == 1, result.stderr[-2000:]
+
+
 def test_an_adapter_dir_without_adapter_config_names_the_option(tiny, tmp_path):
     with pytest.raises(prompts.UserError, match="--adapter"):
         evaluate.main(cli(tiny, tmp_path, "--adapter", str(tmp_path)))
+    with pytest.raises(prompts.UserError, match=r"--adapter .*: a whole model .*pass it as --model"):
+        evaluate.main(cli(tiny, tmp_path / "out", "--adapter", tiny["model"]))
+
+
+def model_dir_without_weights(tiny, path):
+    """A copy of the tiny model's directory (config, tokenizer) without its weights file."""
+    shutil.copytree(tiny["model"], path)
+    os.remove(os.path.join(path, "model.safetensors"))
+    return str(path)
+
+
+def truncate(path, size=100):
+    """A file cut short, as a full disk or a killed copy leaves it."""
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def test_a_model_dir_without_weights_is_an_error_naming_it_before_anything_loads(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    empty = model_dir_without_weights(tiny, tmp_path / "no_weights")
+    with pytest.raises(prompts.UserError, match=rf"--model {empty}: no weights there \(no \*\.safetensors"):
+        evaluate.main(cli(tiny, tmp_path / "out", "--model", empty))
+    assert not os.path.exists(tmp_path / "out")  # refused before the out dir is claimed
+
+
+def test_a_model_dir_with_a_truncated_weights_file_is_an_error_naming_the_file(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny["model"], cut)
+    truncate(cut / "model.safetensors")
+    with pytest.raises(prompts.UserError, match=r"--model .*cut: model\.safetensors is unreadable \(SafetensorError"):
+        evaluate.main(cli(tiny, tmp_path / "out", "--model", str(cut)))
+
+
+def test_model_weights_in_shards_or_as_pytorch_bin_are_weights(tiny, tmp_path):
+    assert evaluate.model_problem(tiny["model"]) is None
+    sharded = model_dir_without_weights(tiny, tmp_path / "sharded")
+    for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        shutil.copy(os.path.join(tiny["model"], "model.safetensors"), os.path.join(sharded, shard))
+    assert evaluate.model_problem(sharded) is None
+    pytorch_bin = model_dir_without_weights(tiny, tmp_path / "bin")
+    torch.save({}, os.path.join(pytorch_bin, "pytorch_model.bin"))
+    assert evaluate.model_problem(pytorch_bin) is None
+    assert evaluate.model_problem("Qwen/Qwen3-1.7B") is None  # an HF id: transformers downloads and checks it
+
+
+def broken_adapter(tiny, path, how):
+    """An adapter dir as a failure leaves it: its weights file deleted or cut short, its config deleted or cut short."""
+    make_adapter(tiny, str(path))
+    if how == "no weights":
+        os.remove(path / "adapter_model.safetensors")
+    elif how == "truncated weights":
+        truncate(path / "adapter_model.safetensors")
+    elif how == "no config":
+        os.remove(path / "adapter_config.json")
+    elif how == "truncated config":
+        truncate(path / "adapter_config.json", 20)
+    return str(path)
+
+
+@pytest.mark.parametrize("how,message", [
+    ("no weights", r"no adapter_model\.safetensors there"),
+    ("truncated weights", r"adapter_model\.safetensors is unreadable \(SafetensorError"),
+    ("no config", r"no adapter_config\.json there"),
+    ("truncated config", r"adapter_config\.json is unreadable \(JSONDecodeError"),
+])
+def test_an_adapter_with_a_missing_or_truncated_file_is_one_line_before_anything_loads(tiny, tmp_path, monkeypatch,
+                                                                                       how, message):
+    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    adapter = broken_adapter(tiny, tmp_path / "adapter", how)
+    with pytest.raises(prompts.UserError, match=rf"--adapter {adapter}: {message}") as error:
+        evaluate.main(cli(tiny, tmp_path / "out", "--adapter", adapter))
+    assert "\n" not in str(error.value)
+
+
+def test_a_checkpoint_whose_save_was_killed_midway_is_refused_as_an_adapter(tiny, tmp_path, monkeypatch):
+    """checkpoint-N.tmp is a save killed midway: its adapter may be whole while the rest of the checkpoint is not."""
+    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    run = tmp_path / "run"
+    partial = make_adapter(tiny, str(run / "checkpoint-000004.tmp"))
+    with pytest.raises(prompts.UserError, match=r"checkpoint-000004\.tmp: an incomplete checkpoint \(a save killed"):
+        evaluate.main(cli(tiny, tmp_path / "out", "--adapter", partial))
+    with pytest.raises(prompts.UserError, match=rf"--adapter {run}: no complete checkpoint there"):
+        evaluate.main(cli(tiny, tmp_path / "out", "--adapter", str(run)))
+
+
+def test_an_adapter_that_is_not_there_is_named(tiny, tmp_path):
+    with pytest.raises(prompts.UserError, match=r"--adapter .*nowhere: no such directory"):
+        evaluate.main(cli(tiny, tmp_path / "out", "--adapter", str(tmp_path / "nowhere")))
 
 
 def _two_ranks(rank, world, tiny, port, results):
@@ -262,10 +377,75 @@ def test_resume_with_another_model_or_settings_is_refused_and_names_them(tiny, t
     adapter = make_adapter(tiny, str(tmp_path / "adapter"))
     with pytest.raises(prompts.UserError, match=r"adapter: was None, now '.*adapter'"):
         evaluate.main(cli(tiny, tmp_path, "--resume", "--adapter", adapter))
-    with pytest.raises(prompts.UserError, match=r"temperature: was 0\.0, now 1\.0"):
-        evaluate.main(cli(tiny, tmp_path, "--resume", temperature="1.0"))
+    with pytest.raises(prompts.UserError, match=r"temperature: was 1\.0, now 0\.7"):
+        evaluate.main(cli(tiny, tmp_path, "--resume", temperature="0.7"))
     assert len(read_rows(tmp_path / "samples.jsonl")) == 10  # untouched
     assert evaluate.main(cli(tiny, tmp_path, "--resume", "--samples", "3"))["samples"] == 15  # more samples: allowed
+
+
+def test_resume_with_another_dtype_is_refused_and_names_it(tiny, tmp_path):
+    """bf16 and fp32 sample different completions: a resume must not mix them."""
+    evaluate.main(cli(tiny, tmp_path, "--dtype", "float32", "--limit", "2"))
+    with pytest.raises(prompts.UserError, match=r"dtype: was 'float32', now 'bfloat16'"):
+        evaluate.main(cli(tiny, tmp_path, "--resume", "--dtype", "bfloat16"))
+    assert len(read_rows(tmp_path / "samples.jsonl")) == 4  # untouched
+    assert evaluate.main(cli(tiny, tmp_path, "--resume"))["samples"] == 10  # auto: fp32 on CPU, the same
+
+
+def test_resume_with_another_sampler_is_refused_and_names_it(tiny, tmp_path):
+    """vLLM and HF draw different samples from the same seed: a resume must not mix them."""
+    evaluate.main(cli(tiny, tmp_path, "--limit", "2"))
+    settings_path = tmp_path / "samples.settings.json"
+    settings = json.load(open(settings_path))
+    assert settings["sampler"] == "hf"
+    settings["sampler"] = "vllm"  # as a run on a GPU writes it
+    settings_path.write_text(json.dumps(settings))
+    with pytest.raises(prompts.UserError, match=r"sampler: was 'vllm', now 'hf'"):
+        evaluate.main(cli(tiny, tmp_path, "--resume"))
+
+
+def test_a_settings_file_from_before_dtype_was_recorded_resumes_at_the_default(tiny, tmp_path):
+    """An option an older eval.py did not record is no change while it is at its default (auto: fp32 and HF on
+    CPU)."""
+    evaluate.main(cli(tiny, tmp_path / "old", "--limit", "2"))
+    settings_path = tmp_path / "old" / "samples.settings.json"
+    settings = json.load(open(settings_path))
+    del settings["dtype"], settings["sampler"]
+    settings_path.write_text(json.dumps(settings))
+    with pytest.raises(prompts.UserError, match=r"dtype: was 'float32' \(the default then\), now 'bfloat16'"):
+        evaluate.main(cli(tiny, tmp_path / "old", "--resume", "--dtype", "bfloat16"))
+    assert evaluate.main(cli(tiny, tmp_path / "old", "--resume"))["samples"] == 10
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--samples", "4"], r"--samples does nothing with --temperature 0: greedy samples are all the same.*--samples 1"),
+    (["--top-p", "0.9"], r"--top-p does nothing with --temperature 0"),
+    (["--sampling-top-k", "20"], r"--sampling-top-k does nothing with --temperature 0"),
+], ids=["samples", "top_p", "top_k"])
+def test_an_option_that_does_nothing_when_greedy_is_an_error_naming_it(tiny, tmp_path, monkeypatch, flags, message):
+    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(prompts.UserError, match=message):
+        evaluate.main(cli(tiny, tmp_path, *flags, n=1, temperature="0"))
+
+
+def test_greedy_runs_with_eval_defaults_and_with_options_given_as_off(tiny, tmp_path):
+    """Only what the user gave counts: eval.py's own top-p default (0.95) is not refused, and neither are --top-p 1
+    and --sampling-top-k 0, which say "off" (toy.py's eval settings pass --top-p 1)."""
+    assert evaluate.main(cli(tiny, tmp_path / "defaults", n=1, temperature="0"))["samples"] == 5
+    off = cli(tiny, tmp_path / "off", "--top-p", "1", "--sampling-top-k", "0", n=1, temperature="0")
+    assert evaluate.main(off)["samples"] == 5
+
+
+def test_benchmarks_with_data_is_an_error_naming_it(tiny, tmp_path):
+    with pytest.raises(prompts.UserError, match=r"--benchmarks does nothing with --data"):
+        evaluate.main(cli(tiny, tmp_path, "--benchmarks", "aime24"))
+
+
+def test_resume_and_overwrite_together_are_refused(tiny, tmp_path):
+    evaluate.main(cli(tiny, tmp_path, "--limit", "2"))
+    with pytest.raises(prompts.UserError, match=r"--resume and --overwrite: pick one"):
+        evaluate.main(cli(tiny, tmp_path, "--resume", "--overwrite"))
+    assert len(read_rows(tmp_path / "samples.jsonl")) == 4  # untouched
 
 
 def test_a_kill_loses_at_most_the_sampler_call_in_flight(tiny, tmp_path):
@@ -290,13 +470,20 @@ def test_thinking_is_on_by_default_and_the_flag_reads_that_way():
     assert "--thinking, --no-thinking" in help_text and evaluate.get_parser().parse_args([]).thinking is True
 
 
-def test_checkpoints_of_a_run_each_get_a_summary_and_the_curve_resumably(tiny, tmp_path, monkeypatch):
-    """eval.py --checkpoints RUN_DIR: every complete checkpoint evaluated in a directory of its own, the curve as a
-    table and a plot, and --resume skips the finished checkpoints (here the one whose summary exists)."""
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained_run(tiny, tmp_path_factory):
+    """A LoRA run with checkpoints 1, 2 and 3 (sft.py, 3 steps); copy it before changing it."""
+    run = tmp_path_factory.mktemp("trained") / "run"
     sft.main(["--model", tiny["model"], "--data", tiny["data"], "--batch-size", "2", "--micro-batch-size", "2",
               "--lora-r", "4", "--lora-alpha", "8", "--lr", "5e-2", "--max-steps", "3", "--save-every", "1",
               "--keep", "5", "--no-compile", "--out-dir", str(run)])
+    return run
+
+
+def test_checkpoints_of_a_run_each_get_a_summary_and_the_curve_resumably(tiny, trained_run, tmp_path, monkeypatch):
+    """eval.py --checkpoints RUN_DIR: every complete checkpoint evaluated in a directory of its own, the curve as a
+    table and a plot, and --resume skips the finished checkpoints (here the one whose summary exists)."""
+    run = trained_run
     out = tmp_path / "curve"
     result = evaluate.main(cli(tiny, out, "--checkpoints", str(run)))
     assert [c["step"] for c in result["curve"]] == [1, 2, 3]
@@ -316,6 +503,60 @@ def test_checkpoints_of_a_run_each_get_a_summary_and_the_curve_resumably(tiny, t
     again = evaluate.main(cli(tiny, out, "--checkpoints", str(run), "--resume"))
     # checkpoint 2's samples were all there: none sampled again
     assert asked == [] and again["curve"] == result["curve"]
+
+
+def test_checkpoints_that_cannot_be_evaluated_are_skipped_each_with_a_line_and_the_curve_goes_on(tiny, trained_run,
+                                                                                                tmp_path, capsys):
+    """A truncated adapter used to abort the whole curve; incomplete checkpoints were dropped without a word."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    truncate(run / "checkpoint-000002" / "adapter_model.safetensors")
+    shutil.copytree(run / "checkpoint-000003", run / "checkpoint-000004.tmp")  # a save killed midway
+    shutil.copytree(run / "checkpoint-000003", run / "checkpoint-000005")
+    os.remove(run / "checkpoint-000005" / "trainer_state.pt")
+    out = tmp_path / "curve"
+    result = evaluate.main(cli(tiny, out, "--checkpoints", str(run)))
+    assert [c["step"] for c in result["curve"]] == [1, 3]
+    skipped = [line for line in capsys.readouterr().out.splitlines() if "skipping" in line]
+    assert skipped == [
+        f"eval: skipping {run}/checkpoint-000002: adapter_model.safetensors is unreadable (SafetensorError: Error "
+        "while deserializing header: invalid header length)",
+        f"eval: skipping {run}/checkpoint-000004.tmp: an incomplete checkpoint (a save killed midway)",
+        f"eval: skipping {run}/checkpoint-000005: an incomplete checkpoint (no trainer_state.pt)"]
+    assert (out / "curve.md").read_text().count("\n") == 4 and (out / "curve.png").exists()
+    assert [c["step"] for c in json.load(open(out / "curve.json"))] == [1, 3]
+    assert sorted(glob.glob("checkpoint-*", root_dir=out)) == ["checkpoint-000001", "checkpoint-000003"]
+
+
+def test_a_run_with_no_checkpoint_to_evaluate_is_an_error_naming_it(tiny, trained_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    run = tmp_path / "run"
+    os.makedirs(run)
+    shutil.copytree(trained_run / "checkpoint-000001", run / "checkpoint-000001")
+    truncate(run / "checkpoint-000001" / "adapter_model.safetensors")
+    with pytest.raises(prompts.UserError, match=rf"--checkpoints {run}: no checkpoint there can be evaluated"):
+        evaluate.main(cli(tiny, tmp_path / "out", "--checkpoints", str(run)))
+
+
+def test_checkpoints_of_a_full_finetune_run_are_whole_models_that_vllm_cannot_serve(tiny, tmp_path, monkeypatch):
+    """vLLM serves --model and takes adapters per call: it has no public API to load a whole checkpoint's weights, so
+    it would have sampled the base model under each checkpoint's name. HF loads each checkpoint in turn."""
+    run = tmp_path / "run"
+    sft.main(["--model", tiny["model"], "--data", tiny["data"], "--batch-size", "2", "--micro-batch-size", "2",
+              "--full-finetune", "--lr", "1e-2", "--max-steps", "2", "--save-every", "1", "--keep", "5",
+              "--no-compile", "--out-dir", str(run)])
+    with pytest.raises(prompts.UserError, match=r"--sampler vllm: .*--full-finetune run"):
+        evaluate.main(cli(tiny, tmp_path / "vllm", "--checkpoints", str(run), "--sampler", "vllm"))
+    lora_asked = []
+    sampler_kind = samplers.sampler_kind
+    monkeypatch.setattr(samplers, "sampler_kind", lambda kind, device, lora: lora_asked.append(lora) or
+                        sampler_kind(kind, device, lora))
+    loaded = []
+    load_weights = plumbing.load_weights
+    monkeypatch.setattr(plumbing, "load_weights", lambda path, model: loaded.append(path) or load_weights(path, model))
+    result = evaluate.main(cli(tiny, tmp_path / "auto", "--checkpoints", str(run), "--sampler", "auto"))
+    assert lora_asked[0] is False  # --sampler auto: HF on a GPU too
+    assert [c["step"] for c in result["curve"]] == [1, 2] and loaded == [str(run / "checkpoint-000002")]
 
 
 def test_the_out_dir_lock_is_released_when_eval_returns(tiny, tmp_path, monkeypatch):

@@ -260,9 +260,8 @@ def test_grade_never_takes_a_reply_that_is_not_a_verdict(monkeypatch):
     assert_grades_in_step(monkeypatch)
 
 
-def test_the_grader_worker_dies_with_its_parent_even_while_it_computes(tmp_path):
-    """kill -9 of a process that is grading: its math-verify worker, busy in sympy and not reading its pipe, must not
-    live on (it used to spin at 99% CPU)."""
+def grading_process(tmp_path):
+    """A process busy grading a pathological answer, and its math-verify worker (pid), deep in sympy."""
     script = tmp_path / "grading.py"
     script.write_text("import prompts, sys\nprompts.grade('\\\\boxed{5^{5^{5^{5^5}}}}', '1', timeout=600)\n")
     parent = subprocess.Popen([sys.executable, str(script)], cwd=HERE, env={**os.environ, "PYTHONPATH": HERE})
@@ -273,16 +272,68 @@ def test_the_grader_worker_dies_with_its_parent_even_while_it_computes(tmp_path)
         time.sleep(0.2)
     assert worker, "no grader worker started"
     time.sleep(3)  # the worker is deep in sympy now
+    return parent, worker
+
+
+def running(pid):
+    """Alive and not a zombie (a dead worker nobody reaped yet is a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def dies_within(pid, seconds):
+    """Whether `pid` stops running within `seconds`; killed here if not, so a failing test leaves nothing behind."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and running(pid):
+        time.sleep(0.1)
+    alive = running(pid)
+    if alive:
+        os.kill(pid, 9)
+    return not alive
+
+
+def test_the_grader_worker_dies_with_its_parent_even_while_it_computes(tmp_path):
+    """kill -9 of a process that is grading: its math-verify worker, busy in sympy and not reading its pipe, must not
+    live on (it used to spin at 99% CPU)."""
+    parent, worker = grading_process(tmp_path)
     parent.kill()
     parent.wait()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and os.path.exists(f"/proc/{worker}") and \
-            open(f"/proc/{worker}/stat").read().split()[2] != "Z":
-        time.sleep(0.1)
-    alive = os.path.exists(f"/proc/{worker}") and open(f"/proc/{worker}/stat").read().split()[2] != "Z"
-    if alive:
-        os.kill(worker, 9)
-    assert not alive
+    assert dies_within(worker, 10)
+
+
+def test_the_grader_worker_dies_with_its_parent_while_the_parent_is_an_unreaped_zombie(tmp_path):
+    """A killed parent that its own parent has not reaped yet is a zombie: the pid still answers os.kill(pid, 0), and
+    the worker used to compute on (23 s at 100% CPU in a trial). Here this test is that grandparent: it reaps the
+    killed process only after the worker is gone."""
+    parent, worker = grading_process(tmp_path)
+    parent.kill()
+    try:
+        time.sleep(0.5)
+        assert not running(parent.pid) and os.path.exists(f"/proc/{parent.pid}")  # a zombie, not yet reaped
+        assert dies_within(worker, 10)
+    finally:
+        parent.wait()
+
+
+def test_a_process_is_gone_once_it_exits_even_before_it_is_reaped(monkeypatch):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert not prompts._gone(child.pid)
+        child.kill()
+        time.sleep(0.5)
+        assert prompts._gone(child.pid)  # a zombie: its pid still answers os.kill(pid, 0)
+        monkeypatch.setattr(os.path, "isdir", lambda path: False)  # no /proc (macOS): os.kill is all there is
+        assert not prompts._gone(child.pid)  # it cannot tell a zombie from a live process
+        assert not prompts._gone(os.getpid())
+    finally:
+        child.wait()
+    assert prompts._gone(child.pid)  # reaped: os.kill fails too
+    monkeypatch.undo()
+    assert prompts._gone(child.pid)
 
 
 def test_plain_numbers_compare_exactly_not_as_floats():
@@ -437,6 +488,30 @@ def test_read_jsonl_leaves_out_a_torn_last_line_only_when_asked(tmp_path):
     assert rows == [{"step": 1}, {"step": 2}] and complete == len(b'{"step": 1}\n{"step": 2}\n')
     with pytest.raises(prompts.UserError, match="log.jsonl: line 3 is not valid JSON"):
         prompts.read_jsonl(str(path))
+
+
+def test_read_jsonl_names_the_file_and_line_of_invalid_utf8(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"problem": "a", "answer": "1"}\n{"problem": "caf\xe9", "answer": "2"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(prompts.UserError, match=r"rows\.jsonl: line 2 is not UTF-8"):
+        prompts.read_jsonl(str(path))
+    with pytest.raises(prompts.UserError, match=r"rows\.jsonl: line 2 is not UTF-8"):
+        prompts.load_records(str(path))
+
+
+@pytest.mark.parametrize("layout", ["array", "lines"])
+def test_a_json_file_with_invalid_utf8_names_the_file_and_line(tmp_path, layout):
+    path = tmp_path / "rows.json"
+    rows = [b'{"problem": "a", "answer": "1"}', b'{"problem": "b", "answer": "2"}',
+            b'{"problem": "caf\xe9", "answer": "3"}']
+    if layout == "array":  # a JSON array, one row a line after the "["
+        path.write_bytes(b"[\n" + b",\n".join(rows) + b"\n]\n")
+        line = 4
+    else:  # datasets' to_json: one object a line
+        path.write_bytes(b"\n".join(rows) + b"\n")
+        line = 3
+    with pytest.raises(prompts.UserError, match=rf"rows\.json: line {line} is not UTF-8"):
+        prompts.load_records(str(path))
 
 # -----------------------------------------------------------------------------
 # 5. prompt token ids, with the toy Qwen3-style tokenizer
