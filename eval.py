@@ -74,19 +74,14 @@ def get_parser():
 
 def check_options(args):
     """Combinations that cannot be what the user meant. An option given on the command line that does nothing in this
-    combination is an error naming it (plumbing.refuse_inert); eval.py's own defaults (top-p 0.95) never are."""
+    combination is an error naming it (plumbing.refuse_inert; --top-p and --sampling-top-k with --temperature 0 are
+    plumbing's shared rules); eval.py's own defaults (top-p 0.95) never are."""
     if args.adapter and args.checkpoints:
         raise prompts.UserError("--adapter and --checkpoints: give one (--checkpoints evaluates every checkpoint)")
-    if args.resume and args.overwrite:
-        raise prompts.UserError("--resume and --overwrite: pick one (--resume keeps the finished samples, --overwrite "
-                                "deletes them)")
     greedy = args.temperature == 0
     plumbing.refuse_inert(args, [
         ("samples", greedy and args.samples > 1, "with --temperature 0: greedy samples are all the same, so avg@n is "
                                                  "avg@1 (use --samples 1, or a temperature above 0)"),
-        ("top_p", greedy and args.top_p < 1, "with --temperature 0 (greedy: the most likely token, always)"),
-        ("sampling_top_k", greedy and args.sampling_top_k > 0, "with --temperature 0 (greedy: the most likely token, "
-                                                               "always)"),
         ("benchmarks", args.data is not None, "with --data (the problems come from the file)"),
     ])
 

@@ -205,9 +205,10 @@ def given_options(parser, argv):
 
 def shared_inert_rules(args):
     """refuse_inert's rules for the options every script (or every training script) shares."""
-    greedy = args.temperature == 0
-    rules = [("top_p", greedy, "with --temperature 0 (greedy)"),
-             ("sampling_top_k", greedy, "with --temperature 0 (greedy)")]
+    greedy = args.temperature == 0  # --top-p 1 and --sampling-top-k 0 say "off": given, they are no error
+    rules = [("top_p", greedy and args.top_p < 1, "with --temperature 0 (greedy: the most likely token, always)"),
+             ("sampling_top_k", greedy and args.sampling_top_k > 0,
+              "with --temperature 0 (greedy: the most likely token, always)")]
     local_file = os.path.exists(getattr(args, "data", None) or "")
     rules.append(("split", local_file, "with a local --data file (it has no splits)"))
     if not hasattr(args, "eval_every"):  # eval.py: no training options

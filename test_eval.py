@@ -443,7 +443,7 @@ def test_benchmarks_with_data_is_an_error_naming_it(tiny, tmp_path):
 
 def test_resume_and_overwrite_together_are_refused(tiny, tmp_path):
     evaluate.main(cli(tiny, tmp_path, "--limit", "2"))
-    with pytest.raises(prompts.UserError, match=r"--resume and --overwrite: pick one"):
+    with pytest.raises(prompts.UserError, match=r"--resume and --overwrite: give one"):
         evaluate.main(cli(tiny, tmp_path, "--resume", "--overwrite"))
     assert len(read_rows(tmp_path / "samples.jsonl")) == 4  # untouched
 
