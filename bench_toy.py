@@ -7,6 +7,8 @@ eval budget whatever the run's rollout limit).
   python bench_toy.py --table variants      # OPSD variants and the ideas/ patches, own-style references
   python bench_toy.py --table teachers      # the teacher's weights: fixed, live, EMA
   python bench_toy.py --table budget        # the student's rollout limit: 32, 48, 64, 96 tokens
+  python bench_toy.py --table teachers-seen # what the teacher sees (solution, answer, another's, nothing), and an
+                                            # external teacher (toy.external_teacher) seeing nothing or the solution
   python bench_toy.py --seeds 0 --steps 50  # a quick look
   python bench_toy.py --table variants --only "opsd sampled-token"   # some runs only (two processes can share a table)
 Budgets match in generated tokens per step: OPSD samples 1 rollout for each of 32 problems, GRPO 8 rollouts for each
@@ -46,6 +48,11 @@ RUNS = {
     "opsd live teacher": ("opsd", ["--teacher-weights", "live"], None),
     "opsd EMA teacher 0.99": ("opsd", ["--teacher-weights", "ema", "--ema-decay", "0.99"], None),
     **{f"opsd rollouts <= {n}": ("opsd", ["--max-new-tokens", str(n)], None) for n in (32, 48, 64)},
+    # what the teacher is shown (TEACHER: toy.external_teacher, the warm start after SFT on the references)
+    "self sees another problem's solution": ("opsd", ["--teacher-context", "other"], None),
+    "self sees nothing": ("opsd", ["--teacher-context", "none"], None),
+    "external sees nothing": ("opsd", ["--teacher-model", "TEACHER", "--teacher-context", "none"], None),
+    "external sees the solution": ("opsd", ["--teacher-model", "TEACHER"], None),
 }
 TABLES = {"methods": (["opsd", "grpo", "sft"], ["own", "expert"]),
           "variants": (["opsd", "opsd forward KL", "opsd forward KL + entry clip 0.05", "opsd sampled-token",
@@ -53,7 +60,9 @@ TABLES = {"methods": (["opsd", "grpo", "sft"], ["own", "expert"]),
                         "idea: geometric mixture w=0.5", "idea: reference-only correction 0.5",
                         "idea: task reward w=1"], ["own"]),
           "teachers": (["opsd", "opsd live teacher", "opsd EMA teacher 0.99"], ["own"]),
-          "budget": (["opsd rollouts <= 32", "opsd rollouts <= 48", "opsd rollouts <= 64", "opsd"], ["own"])}
+          "budget": (["opsd rollouts <= 32", "opsd rollouts <= 48", "opsd rollouts <= 64", "opsd"], ["own"]),
+          "teachers-seen": (["opsd", "opsd answer-only teacher", "self sees another problem's solution",
+                             "self sees nothing", "external sees nothing", "external sees the solution"], ["own"])}
 
 parser = argparse.ArgumentParser(description="OPSD, GRPO and SFT (or OPSD's variants) in the CPU toy world.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -89,6 +98,7 @@ def run_one(name, setting, seed, args):
         return out
     shutil.rmtree(out, ignore_errors=True)  # a partial run starts again (it checkpoints only at the end)
     script, flags, idea = RUNS[name]
+    flags = [toy.external_teacher(setting) if flag == "TEACHER" else flag for flag in flags]
     if idea:  # the patched opsd.py with the toy settings as flags
         cmd = [sys.executable, apply_idea(idea, os.path.join(args.out_dir, "ideas", idea)),
                *toy.script_argv(script, setting)]
@@ -165,6 +175,10 @@ def report(results, table):
             lines += [f"{setting} references: warm start {r['warm_start']:.1%}; teacher with the reference "
                       f"{r['teacher']:.1%}, with only the final answer {r['teacher_answer_only']:.1%} (the warm start "
                       "never showed it an answer alone)", ""]
+            if "external" in r:
+                lines += [f"external teacher (the warm start after 150 steps of SFT on the references): "
+                          f"{r['external']:.1%} with no reference, {r['external_solution']:.1%} with the reference "
+                          "shown", ""]
         lines += ["| variant | flags | final accuracy | gain over warm start (points) | rollouts cut at the limit | "
                   "generated tokens | training time (s) |",
                   "|---|---|---|---|---|---|---|"]
@@ -244,6 +258,10 @@ def main():
         outs = {(n, s): run_one(n, setting, s, args) for s in seeds for n in names}  # seed-major: every run early
         results["settings"][setting] = {"warm_start": start, "teacher": teacher, "teacher_answer_only": answer_only,
                                         "runs": {n: summarize([curve(outs[n, s]) for s in seeds]) for n in names}}
+        if any("TEACHER" in RUNS[n][1] for n in names):  # how good the external teacher is, alone and shown y*
+            external = toy.external_teacher(setting)
+            results["settings"][setting]["external"] = toy.accuracy(external, p["test"])
+            results["settings"][setting]["external_solution"] = toy.accuracy(external, p["test"], "solution")
     if args.only:  # a part of the table: its runs are done (and skipped by the next full run), no table
         return
     text = (f"{len(seeds)} seed{'s' * (len(seeds) > 1)}, {args.steps} steps, held-out greedy accuracy on 256 test "

@@ -482,24 +482,33 @@ def main(argv=None):
     rank, world, device = opsd.init_distributed()
     dtype = plumbing.compute_dtype(args.dtype, device)
 
-    # 3. data, before any model loads: a broken row costs a second
+    # 3. data, before any model loads: a broken row costs a second, and so does a prompt that leaves no room for
+    # --max-new-tokens in the model's context
     records = load_problems(args)
+    tokenizer = plumbing.load_tokenizer(args.model)
+    room = plumbing.room_for_prompts(args, args.max_new_tokens, "--max-new-tokens")
+    if room is not None:
+        too_long = prompts.prompts_too_long(tokenizer, records, room, args.thinking, args.teacher_context)
+        if too_long:
+            record, tokens = too_long[0]
+            raise prompts.UserError(f"{record['benchmark']}: problem {record['id']}: the prompt ({tokens:,} tokens) is "
+                                    f"over the {room:,} that fit with --max-new-tokens {args.max_new_tokens} "
+                                    f"({len(too_long)} problem(s) in all); lower --max-new-tokens")
+    prompt_texts = [prompts.record_prompt_text(tokenizer, r, args.thinking, args.teacher_context) for r in records]
+    max_model_len = prompts.most_tokens(tokenizer, prompt_texts)[1] + args.max_new_tokens  # vLLM's engine size
     lock = plumbing.claim_out_dir(args.out_dir, args.resume, args.overwrite, master=rank == 0)  # held until the end
 
     # 4-5. model (+ adapter) and sampler: vLLM serves the base with the adapter as a LoRARequest; HF loads it with
     # PEFT. A --full-finetune run's checkpoints go to HF: vLLM takes new weights per call only as adapters
     kind = samplers.sampler_kind(args.sampler, device, lora=not full_models)
     if kind == "vllm":
-        # vLLM loads the base model itself, from --model; only the tokenizer is needed here
-        from transformers import AutoTokenizer
-        model = None
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = None  # vLLM loads the base model itself, from --model
     else:
         # the model holds the first weights to evaluate; the later checkpoints are loaded into it one by one
         if full_models:
-            model, tokenizer = opsd.load_model(full_models[0], device, dtype)
+            model, _ = opsd.load_model(full_models[0], device, dtype)
         else:
-            model, tokenizer = opsd.load_model(args.model, device, dtype)
+            model, _ = opsd.load_model(args.model, device, dtype)
         if adapters:
             from peft import PeftModel
             model = PeftModel.from_pretrained(model, adapters[0])
@@ -507,7 +516,7 @@ def main(argv=None):
     if adapters:
         lora_rank = adapter_config(adapters[0])["r"]  # the largest adapter vLLM must make room for
     sampler = samplers.make_sampler(kind, model, tokenizer, args.model, device, dtype, lora_rank, args.seed,
-                                    args.vllm_gpu_memory, world, sleep=False)
+                                    args.vllm_gpu_memory, world, sleep=False, max_model_len=max_model_len)
     sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                 "top_k": args.sampling_top_k}
     plumbing.print0(f"{len(records)} problems x {args.samples} samples x {len(weights)} weights | {args.model} | "

@@ -130,8 +130,9 @@ def main(argv=None):
     generated_total = state.get("generated_tokens", 0)
     # 5. the sampler, and the rollout tokens' log-probs (compiled)
     lora_rank = None if args.full_finetune else args.lora_r
+    max_model_len = plumbing.longest_request(tokenizer, records, args, run.eval_records)
     sampler = samplers.make_sampler(args.sampler, model, tokenizer, args.model, device, dtype, lora_rank, args.seed,
-                                    args.vllm_gpu_memory, world, args.vllm_sleep)
+                                    args.vllm_gpu_memory, world, args.vllm_sleep, max_model_len)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     top_k=args.sampling_top_k)
     temperature = args.temperature or 1.0  # greedy rollouts are scored at 1

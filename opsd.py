@@ -98,12 +98,16 @@ def get_parser():
                        help="fixed: the initial weights; live: the current ones; ema: their moving average")
     group.add_argument("--ema-decay", type=fraction, default=0.99,
                        help="EMA decay per step; under LoRA, A and B are averaged apart")
-    group.add_argument("--teacher-context", choices=sorted(prompts.TEACHER_CONTEXTS), default="solution",
-                       help="what the teacher sees beside the problem")
+    group.add_argument("--teacher-context", choices=sorted(prompts.TEACHER_CONTEXTS) + list(prompts.CONTROLS),
+                       default="solution", help="what the teacher sees beside the problem (other: another problem's "
+                       "solution; none: nothing)")
+    group.add_argument("--teacher-model", default=None,
+                       help="another model as the teacher, frozen (default: the student's own network)")
     group.add_argument("--teacher-thinking", action=argparse.BooleanOptionalAction, default=None,
                        help="the teacher's thinking mode (default: the student's)")
     group.add_argument("--max-reference-tokens", type=positive_int, default=None, help="cut longer references")
-    group.add_argument("--save-rollouts-every", type=count, default=10, help="rollouts.jsonl every N steps (0: off)")
+    group.add_argument("--save-rollouts-every", type=count, default=10,
+                       help="rollouts.jsonl every N steps, with every token's divergence (0: off)")
     return parser
 
 
@@ -116,7 +120,10 @@ def check_options(args):
         ("token_clip", args.loss == "sampled", "with --loss sampled"),
         ("baseline", args.loss != "sampled", "without --loss sampled (a divergence needs no baseline)"),
         ("ema_decay", args.teacher_weights != "ema", "without --teacher-weights ema"),
-        ("max_reference_tokens", args.teacher_context != "solution", "unless the teacher sees the solution"),
+        ("max_reference_tokens", args.teacher_context not in ("solution", "other"),
+         "unless the teacher sees a solution"),
+        ("teacher_weights", args.teacher_model is not None,
+         "with --teacher-model (that model is the teacher, frozen)"),
     ])
 
 # -----------------------------------------------------------------------------
@@ -159,15 +166,19 @@ def batch_indices(n_records, step, batch_size, seed, rank, world):
 # 4. model + LoRA, and the optimizer
 
 
+def attention(device):
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn"):  # only a GPU install that built it has it
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def load_model(path, device, dtype=torch.float32, lora=None, from_scratch=False, grad_checkpointing=False):
     """(model, tokenizer). `lora`: peft.LoraConfig fields for a fresh adapter, or None to train every weight. A LoRA
     run's frozen base is stored in `dtype`; weights that train are fp32 (the adapter: PEFT keeps it so; a full
     model: its fp32 weights are the master copy bf16 autocast computes from, so a small update is never rounded
     away). Returned in eval mode: the loop switches to train mode for the student pass only."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    options = dict(dtype=torch.float32 if lora is None else dtype, attn_implementation="sdpa")
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn"):  # only a GPU install that built it has it
-        options["attn_implementation"] = "flash_attention_2"
+    options = dict(dtype=torch.float32 if lora is None else dtype, attn_implementation=attention(device))
     if from_scratch:
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), **options)
     else:
@@ -180,6 +191,15 @@ def load_model(path, device, dtype=torch.float32, lora=None, from_scratch=False,
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
     model.eval()
     return model, plumbing.load_tokenizer(path)
+
+
+def load_teacher(path, device, dtype):
+    """--teacher-model: a frozen model in `dtype` (nothing of it trains), in eval mode."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention(device))
+    model.to(device)
+    model.requires_grad_(False)
+    return model.eval()
 
 
 def lora_config(args):
@@ -445,10 +465,13 @@ def teacher_weights(model, mode, teacher_copy):
 
 
 def teacher_pass(model, batch, args, teacher_copy, device, dtype):
-    """The teacher's final hidden states at the rollout's positions (N, H): the teacher's weights, eval mode (no
-    dropout, no checkpointing), no gradient."""
+    """The teacher's final hidden states at the rollout's positions (N, H): the teacher's weights (the student's
+    network with teacher_weights, or --teacher-model's own), eval mode (no dropout, no checkpointing), no gradient."""
     model.eval()
     with torch.no_grad():
+        if args.teacher_model:  # its own frozen network: nothing to switch
+            with plumbing.autocast(device, dtype):
+                return completion_hidden(model, batch)
         with teacher_weights(model, args.teacher_weights, teacher_copy):
             with plumbing.autocast(device, dtype):
                 return completion_hidden(model, batch)
@@ -461,6 +484,16 @@ def teacher_head_of(model, params, teacher_copy):
     if not student_head.requires_grad or teacher_copy is None:
         return student_head
     return next(copy for p, copy in zip(params, teacher_copy) if p is student_head)
+
+
+def other_reference(records, index, seed, step):
+    """--teacher-context other: records[index] with the reference solution of another problem of the data set,
+    drawn from (seed, step, problem), never its own, so a resumed run draws what the uninterrupted one did. The
+    control of OP2SD (arXiv 2608.09228): another problem's solution where y* was. How that paper pairs problems we
+    have not read: here the draw is anew at every step."""
+    draw = plumbing.request_seed(seed, step, index, "other") % (len(records) - 1)
+    other = draw if draw < index else draw + 1  # every index but the problem's own
+    return {**records[index], "solution": records[other]["solution"]}
 
 
 def update_ema(teacher_copy, params, decay):
@@ -501,16 +534,15 @@ def update(params, optimizer, scheduler, max_grad_norm, world, step, loss):
 
 
 def rollout_rows(step, batch, texts, correct, rollouts, divergence, tokenizer):
-    """rollouts.jsonl's rows: each rollout with its grade, its mean divergence, and the 5 tokens the teacher disagreed
-    with most (text and divergence)."""
+    """rollouts.jsonl's rows: each rollout with its grade, its mean divergence, and every token (decoded on its own)
+    with the teacher's divergence from the student there (5 significant digits): what show_rollouts.py colours."""
     rows = []
     per_rollout = divergence.float().cpu().split([len(r) for r in rollouts])
     for record, text, ok, ids, values in zip(batch, texts, correct, rollouts, per_rollout):
-        top = []
-        for j in values.topk(min(5, len(ids))).indices.tolist():
-            top.append([tokenizer.decode([ids[j]]), values[j].item()])
+        tokens = tokenizer.batch_decode([[token] for token in ids])
         rows.append({"step": step, "problem_id": record["id"], "rollout": text, "correct": ok, "length": len(ids),
-                     "divergence": values.mean().item(), "top_tokens": top})
+                     "divergence": values.mean().item(), "tokens": tokens,
+                     "token_divergence": [float(f"{value:.5g}") for value in values.tolist()]})
     return rows
 
 
@@ -558,15 +590,23 @@ def main(argv=None):
     # 3. data: problems with a gold answer (to grade the rollouts, for the log) and the teacher's context. Every
     # prompt must leave room for a rollout in the model's context: checked here, not when the row's step comes
     require = ("problem", "answer")
-    if args.teacher_context == "solution":
+    if args.teacher_context in ("solution", "other"):
         require += ("solution",)
     records = prompts.load_records(args.data, args.split, require=require, limit=args.max_problems)
+    if args.teacher_context == "other" and len(records) < 2:
+        raise prompts.UserError(f"--teacher-context other: {args.data} has one problem, so no other to draw from")
     tokenizer = plumbing.load_tokenizer(args.model)
+    if args.teacher_model:  # the teacher scores the student's tokens: it must read them as the same text
+        plumbing.check_same_tokenizer(args.model, args.teacher_model)
     room = plumbing.room_for_prompts(args, args.max_new_tokens, "--max-new-tokens")
     if room is not None:
         too_long = prompts.prompts_too_long(tokenizer, records, room, args.thinking)
         records = plumbing.fit_to_context(records, too_long, args, "student prompt", room, "lower --max-new-tokens")
-        too_long = prompts.prompts_too_long(tokenizer, records, room, teacher_thinking, args.teacher_context,
+        shown = records
+        if args.teacher_context == "other":  # any problem may be shown the longest reference
+            longest = prompts.most_tokens(tokenizer, [r["solution"] for r in records])[0]
+            shown = [{**r, "solution": longest} for r in records]
+        too_long = prompts.prompts_too_long(tokenizer, shown, room, teacher_thinking, args.teacher_context,
                                             args.thinking, args.max_reference_tokens)
         records = plumbing.fit_to_context(records, too_long, args, "teacher prompt", room,
                                           "cut the reference with --max-reference-tokens")
@@ -582,17 +622,22 @@ def main(argv=None):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(args, params, total_steps)
     state = run.restore(model, optimizer, scheduler)
-    # swapped in for the teacher pass: the EMA weights, or the initial ones under full fine-tuning
+    # the teacher: --teacher-model's own network, or the student's with its teacher weights: the adapter off (fixed),
+    # the current weights (live), or a copy swapped in for the teacher pass (EMA, or fixed under full fine-tuning)
+    teacher_model = None
     teacher_copy = None
-    if args.teacher_weights == "ema" or (args.teacher_weights == "fixed" and args.full_finetune):
+    if args.teacher_model:
+        teacher_model = load_teacher(args.teacher_model, device, dtype)
+    elif args.teacher_weights == "ema" or (args.teacher_weights == "fixed" and args.full_finetune):
         saved = state.get("teacher_copy") or params
         teacher_copy = [tensor.detach().to(device).clone() for tensor in saved]
     totals = {"generated_tokens": state.get("generated_tokens", 0),
               "negative_loss_steps": state.get("negative_loss_steps", 0)}
     # 5. the sampler, and the per-token loss with its gradient (compiled)
     lora_rank = None if args.full_finetune else args.lora_r
+    max_model_len = plumbing.longest_request(tokenizer, records, args, run.eval_records)
     sampler = samplers.make_sampler(args.sampler, model, tokenizer, args.model, device, dtype, lora_rank, args.seed,
-                           args.vllm_gpu_memory, world, args.vllm_sleep)
+                                    args.vllm_gpu_memory, world, args.vllm_sleep, max_model_len)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     top_k=args.sampling_top_k)
     loss_grad = loss_and_gradient(opsd_token_loss, args.compile)
@@ -601,9 +646,10 @@ def main(argv=None):
         name = "rollouts.jsonl" if world == 1 else f"rollouts.rank{rank}.jsonl"
         rollouts_file = plumbing.JsonlFile(os.path.join(args.out_dir, name), run.resume_step)
     per_rank = args.batch_size // world
+    teacher_name = args.teacher_model or args.teacher_weights
     run.print(f"{len(records)} problems | {total_steps} steps x {args.batch_size} problems ({world} ranks x "
               f"{per_rank}, micro-batch {args.micro_batch_size}) | {sum(p.numel() for p in params):,} trainable "
-              f"parameters | {args.loss} beta {args.beta} | teacher {args.teacher_weights}, sees the "
+              f"parameters | {args.loss} beta {args.beta} | teacher {teacher_name}, sees the "
               f"{args.teacher_context} | {type(sampler).__name__}, {str(dtype).removeprefix('torch.')}")
     record = {}
     for step in range(run.start_step, total_steps):
@@ -613,7 +659,10 @@ def main(argv=None):
         # model. A problem drawn twice in one step (at an epoch's end) gets the same seed, so the same rollout.
         indices = batch_indices(len(records), step, args.batch_size, args.seed, rank, world)
         batch = [records[i] for i in indices]
-        cut = [prompts.cut_reference(tokenizer, r, args.max_reference_tokens) for r in batch]
+        shown = batch  # what the teacher is shown: the problem's own reference, or another's (the control)
+        if args.teacher_context == "other":
+            shown = [other_reference(records, i, args.seed, step) for i in indices]
+        cut = [prompts.cut_reference(tokenizer, r, args.max_reference_tokens) for r in shown]
         student_prompts = [prompts.student_prompt_ids(tokenizer, r["problem"], args.thinking) for r in batch]
         teacher_prompts = [prompts.teacher_prompt_ids(tokenizer, r, teacher_thinking, args.teacher_context,
                                                       args.thinking) for r, _ in cut]
@@ -629,12 +678,15 @@ def main(argv=None):
         loss = 0.0
         outputs, weights, padding = [], [], []
         student_head = lm_parts(model)[1]
-        teacher_head = teacher_head_of(model, params, teacher_copy)
+        if teacher_model is None:
+            teacher_head = teacher_head_of(model, params, teacher_copy)
+        else:
+            teacher_head = lm_parts(teacher_model)[1]
         for start in range(0, per_rank, args.micro_batch_size):
             part = slice(start, start + args.micro_batch_size)
             student_batch = build_batch(student_prompts[part], rollouts[part], tokenizer.pad_token_id, device)
             teacher_batch = build_batch(teacher_prompts[part], rollouts[part], tokenizer.pad_token_id, device)
-            teacher_hidden = teacher_pass(model, teacher_batch, args, teacher_copy, device, dtype)  # (N, H)
+            teacher_hidden = teacher_pass(teacher_model or model, teacher_batch, args, teacher_copy, device, dtype)
             clock.lap("teacher")
             part_weights = per_token_weights(student_batch["lengths"], per_rank, device)  # (N,)
             model.train()  # the student pass: LoRA dropout and gradient checkpointing act here
@@ -672,7 +724,7 @@ def main(argv=None):
                         f"ent {record['entropy']:.2f} | agree {record['agreement']:.2f} | "
                         f"len {record['rollout_len']:.0f} | acc {record['rollout_acc']:.2f} | "
                         f"{record['tokens_per_s']:.0f} tok/s | {seconds:.1f}s")
-        if rollouts_file and (step + 1) % args.save_rollouts_every == 0:  # where the teacher disagreed most
+        if rollouts_file and (step + 1) % args.save_rollouts_every == 0:  # where the teacher disagreed, token by token
             rollouts_file.write(*rollout_rows(step + 1, batch, texts, correct, rollouts, out["divergence"], tokenizer))
         if run.eval_due(step, total_steps):
             run.evaluate(step + 1, sampler, tokenizer, thinking=args.thinking,

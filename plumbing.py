@@ -274,6 +274,40 @@ def room_for_prompts(args, reserved, option):
     return context - reserved
 
 
+def longest_request(tokenizer, records, args, eval_records=None):
+    """The most positions the run's sampler is asked for: the longest training prompt + --max-new-tokens, and with
+    --eval-every the longest eval prompt + its budget. vLLM sizes its engine (max_model_len) for this."""
+    prompt_texts = [prompts.record_prompt_text(tokenizer, r, args.thinking) for r in records]
+    longest = prompts.most_tokens(tokenizer, prompt_texts)[1] + args.max_new_tokens
+    if eval_records:
+        eval_texts = [prompts.record_prompt_text(tokenizer, r, args.thinking) for r in eval_records]
+        eval_budget = args.eval_max_new_tokens or args.max_new_tokens
+        longest = max(longest, prompts.most_tokens(tokenizer, eval_texts)[1] + eval_budget)
+    return longest
+
+
+def check_same_tokenizer(model, teacher_model):
+    """--teacher-model scores the student's token ids: its tokenizer must be the student's (the same vocabulary,
+    special tokens and chat template) and its head as wide. A difference is one line naming it."""
+    check_model_path(teacher_model, "--teacher-model")
+    student = load_tokenizer(model)
+    teacher = load_tokenizer(teacher_model)
+    differences = []
+    if student.get_vocab() != teacher.get_vocab():
+        differences.append(f"the vocabulary ({len(student):,} tokens against {len(teacher):,})")
+    if student.all_special_tokens != teacher.all_special_tokens or student.eos_token != teacher.eos_token or \
+            student.pad_token != teacher.pad_token:
+        differences.append("the special tokens")
+    if student.chat_template != teacher.chat_template:
+        differences.append("the chat template")
+    logits = (model_config(model).vocab_size, model_config(teacher_model).vocab_size)
+    if logits[0] != logits[1]:
+        differences.append(f"the logits a position ({logits[0]:,} against {logits[1]:,})")
+    if differences:
+        raise UserError(f"--teacher-model {teacher_model}: its tokenizer differs from --model's in "
+                        f"{' and '.join(differences)}; the teacher must read the student's token ids as the same text")
+
+
 def fit_to_context(records, too_long, args, what, room, advice):
     """too_long: prompts.prompts_too_long's [(record, tokens)] against `room` tokens. None: the records. With
     --drop-long-rows they are dropped (one line says which); otherwise the first is an error that names it, says
@@ -489,7 +523,7 @@ def follow_latest(path):
     return complete[-1] if complete else path
 
 
-PATH_SETTINGS = ("model", "data", "eval_data")  # compared by what they point to, not by how they are spelled
+PATH_SETTINGS = ("model", "data", "eval_data", "teacher_model")  # compared by what they point to, not by spelling
 
 
 def identity(setting, value):

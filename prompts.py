@@ -40,6 +40,11 @@ TEACHER_CONTEXTS = {
                "Knowing the final answer, please try to solve this problem on your own: "
                "reason it through step by step."),
 }
+# the controls (opsd.py --teacher-context): "other", the reference solution of *another* problem of the data set, in
+# the words of "solution" (opsd.py draws it; OP2SD, arXiv 2608.09228); "none", no context at all: the teacher's prompt
+# is the student's (reference-free self-distillation, arXiv 2609.20612; with --teacher-model, plain on-policy
+# distillation)
+CONTROLS = ("other", "none")
 
 
 def student_messages(problem: str) -> list[dict]:
@@ -48,7 +53,12 @@ def student_messages(problem: str) -> list[dict]:
 
 def teacher_messages(record: dict, context: str = "solution") -> list[dict]:
     """The teacher's view of a record {problem, solution, answer}: the privileged context sits between the
-    problem and the instruction, so the teacher's prompt ends exactly as the student's does."""
+    problem and the instruction, so the teacher's prompt ends exactly as the student's does. "other": the record's
+    "solution" is another problem's (the caller swapped it in); "none": the student's view."""
+    if context == "none":
+        return student_messages(record["problem"])
+    if context == "other":
+        context = "solution"
     shown, transition = TEACHER_CONTEXTS[context]
     privileged = shown.format(solution=record.get("solution"), answer=record.get("answer"))
     return [{"role": "user", "content": f"{record['problem']}\n\n{privileged}\n\n{transition}\n\n{INSTRUCTION}"}]
@@ -141,6 +151,25 @@ def record_prompt_ids(tokenizer, record, thinking=False, context=None, student_t
         return student_prompt_ids(tokenizer, record["problem"], thinking)
     cut_record = cut_reference(tokenizer, record, max_reference_tokens)[0]
     return teacher_prompt_ids(tokenizer, cut_record, thinking, context, student_thinking)
+
+
+def most_tokens(tokenizer, texts) -> tuple[str, int]:
+    """(the text with the most tokens, how many). Sorted by length in bytes and tokenised only while a longer one can
+    still come: a token covers at least one byte of the normalised text."""
+    normalizer = tokenizer.backend_tokenizer.normalizer
+
+    def size(text):
+        return len((normalizer.normalize_str(text) if normalizer is not None else text).encode("utf-8"))
+    longest = None
+    most = -1
+    for text in sorted(texts, key=size, reverse=True):
+        if size(text) <= most:
+            break
+        tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if tokens > most:
+            longest = text
+            most = tokens
+    return longest, most
 
 
 def prompts_too_long(tokenizer, records, room, thinking=False, context=None, student_thinking=None,

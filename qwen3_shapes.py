@@ -153,17 +153,6 @@ def build_model(out_dir, tokenizer_dir=None, layers=4, seed=0, chat_template=Non
     return out_dir
 
 
-def vllm_kv_cache_bytes(config, max_model_len, dtype_bytes, block_size=128):
-    """The KV cache vLLM 0.32's CPU backend must be given to start with this max_model_len (VLLM_CPU_KVCACHE_SPACE
-    is whole GiB: round up). Each layer stores K and V, num_key_value_heads x head_dim values each, a token
-    (vllm/v1/kv_cache_interface.py, AttentionSpec); the cache is allocated in blocks of 128 tokens on CPU
-    (vllm/platforms/cpu.py) and one block is held back as the null block (vllm/v1/core/kv_cache_utils.py).
-    dtype_bytes: 4 for float32, 2 for bfloat16 (the KV cache takes the engine's dtype)."""
-    per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
-    blocks = -(-max_model_len // block_size) + 1
-    return blocks * block_size * per_token
-
-
 if __name__ == "__main__":
     import sys
     import time

