@@ -26,6 +26,7 @@ from contextlib import contextmanager
 
 import torch
 
+import models
 import opsd
 import plumbing
 import prompts
@@ -160,7 +161,7 @@ def opsd_step(args, path, device, dtype, grad_checkpointing, rollouts):
     """One OPSD step with opsd.py's own functions, stage by stage: (times, peak GB, rollouts)."""
     torch.manual_seed(0)
     lora = dict(r=64, lora_alpha=128, target_modules=plumbing.LORA_TARGETS.split(","))
-    model, tokenizer = opsd.load_model(path, device, dtype, lora, grad_checkpointing=grad_checkpointing)
+    model, tokenizer = models.load_model(path, device, dtype, lora, grad_checkpointing=grad_checkpointing)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     options = opsd.get_parser().parse_args(["--temperature", "1.2"])  # the loss's options: JSD beta 0.5, chunk 128
@@ -182,7 +183,7 @@ def opsd_step(args, path, device, dtype, grad_checkpointing, rollouts):
         with clock("teacher pass"):
             teacher_hidden = opsd.teacher_pass(model, teacher, options, None, device, dtype)
         weights = opsd.per_token_weights(student["lengths"], args.problems, device)
-        head = opsd.lm_parts(model)[1]
+        head = models.lm_parts(model)[1]
         with clock("student pass + loss"):
             model.train()  # where gradient checkpointing acts
             with plumbing.autocast(device, dtype):

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+import models
 import opsd
 import plumbing
 import prompts
@@ -44,7 +45,7 @@ def mismatch(model_dir, prompt_ids, lora_r, max_new_tokens):
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         lora = dict(r=lora_r, lora_alpha=2 * lora_r, target_modules=plumbing.LORA_TARGETS.split(","))
-        model, tokenizer = opsd.load_model(model_dir, cpu, dtype, lora=lora)
+        model, tokenizer = models.load_model(model_dir, cpu, dtype, lora=lora)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_B" in name:
@@ -56,7 +57,7 @@ def mismatch(model_dir, prompt_ids, lora_r, max_new_tokens):
         def distance(samples):  # |log p_sampler - log p_training| over every sampled token
             batch = opsd.build_batch(prompt_ids, [s[0].ids for s in samples], tokenizer.pad_token_id, cpu)
             with torch.no_grad(), plumbing.autocast(cpu, dtype):
-                logits = opsd.completion_hidden(model, batch) @ opsd.lm_parts(model)[1].T
+                logits = opsd.completion_hidden(model, batch) @ models.lm_parts(model)[1].T
             logp = opsd.upcast(logits).log_softmax(-1).gather(-1, batch["targets"][:, None])[:, 0]
             return (logp - torch.tensor([lp for s in samples for lp in s[0].logprobs])).abs()
         hf_greedy = hf.generate(prompt_ids, 1, greedy, seeds)
@@ -96,7 +97,7 @@ def main():
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M} | {platform.node()} | {os.cpu_count()} CPUs | torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads) | {model_dir} | {args.prompts} prompts x "
           f"{args.max_new_tokens} new tokens", flush=True)
-    model, tokenizer = opsd.load_model(model_dir, cpu, lora=dict(r=args.lora_r, lora_alpha=2 * args.lora_r,
+    model, tokenizer = models.load_model(model_dir, cpu, lora=dict(r=args.lora_r, lora_alpha=2 * args.lora_r,
                                                                  target_modules=plumbing.LORA_TARGETS.split(",")))
     torch.manual_seed(0)
     with torch.no_grad():  # a non-zero adapter: PEFT starts B at 0, and the LoRA kernels must do real work

@@ -37,6 +37,7 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
+import models
 import opsd
 import plumbing
 import prompts
@@ -506,9 +507,9 @@ def main(argv=None):
     else:
         # the model holds the first weights to evaluate; the later checkpoints are loaded into it one by one
         if full_models:
-            model, _ = opsd.load_model(full_models[0], device, dtype)
+            model, _ = models.load_model(full_models[0], device, dtype)
         else:
-            model, _ = opsd.load_model(args.model, device, dtype)
+            model, _ = models.load_model(args.model, device, dtype)
         if adapters:
             from peft import PeftModel
             model = PeftModel.from_pretrained(model, adapters[0])

@@ -29,6 +29,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
+import models
 import opsd
 import plumbing
 import prompts
@@ -122,7 +123,7 @@ def main(argv=None):
     run = plumbing.Run(args, "grpo", rank, world, device, total_steps)
     # 4. model + LoRA, the optimizer (ppo_epochs updates a step), and on --resume the checkpoint's state
     torch.manual_seed(args.seed)
-    model, tokenizer = opsd.load_model(args.model, device, dtype, opsd.lora_config(args),
+    model, tokenizer = models.load_model(args.model, device, dtype, models.lora_config(args),
                                        grad_checkpointing=args.grad_checkpointing)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = opsd.make_optimizer(args, params, total_steps * args.ppo_epochs)
@@ -137,7 +138,7 @@ def main(argv=None):
                     top_k=args.sampling_top_k)
     temperature = args.temperature or 1.0  # greedy rollouts are scored at 1
     logprobs_fn = torch.compile(token_logprobs) if args.compile else token_logprobs
-    head = opsd.lm_parts(model)[1]
+    head = models.lm_parts(model)[1]
     per_rank = args.batch_size // world
     n_rollouts = per_rank * args.group_size  # sequences per rank per step
     run.print(f"{len(records)} problems | {total_steps} steps x {args.batch_size} problems x {args.group_size} "

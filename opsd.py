@@ -39,7 +39,6 @@ Run:
 import argparse
 import functools
 import glob
-import importlib.util
 import itertools
 import math
 import os
@@ -51,6 +50,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+import models
 import plumbing
 import prompts
 import samplers
@@ -163,57 +163,7 @@ def batch_indices(n_records, step, batch_size, seed, rank, world):
     return indices
 
 # -----------------------------------------------------------------------------
-# 4. model + LoRA, and the optimizer
-
-
-def attention(device):
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn"):  # only a GPU install that built it has it
-        return "flash_attention_2"
-    return "sdpa"
-
-
-def load_model(path, device, dtype=torch.float32, lora=None, from_scratch=False, grad_checkpointing=False):
-    """(model, tokenizer). `lora`: peft.LoraConfig fields for a fresh adapter, or None to train every weight. A LoRA
-    run's frozen base is stored in `dtype`; weights that train are fp32 (the adapter: PEFT keeps it so; a full
-    model: its fp32 weights are the master copy bf16 autocast computes from, so a small update is never rounded
-    away). Returned in eval mode: the loop switches to train mode for the student pass only."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    options = dict(dtype=torch.float32 if lora is None else dtype, attn_implementation=attention(device))
-    if from_scratch:
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), **options)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, **options)
-    model.to(device)
-    if grad_checkpointing:  # acts in train mode only (transformers' rule): the student pass
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if lora is not None:
-        from peft import LoraConfig, get_peft_model
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
-    model.eval()
-    return model, plumbing.load_tokenizer(path)
-
-
-def load_teacher(path, device, dtype):
-    """--teacher-model: a frozen model in `dtype` (nothing of it trains), in eval mode."""
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention(device))
-    model.to(device)
-    model.requires_grad_(False)
-    return model.eval()
-
-
-def lora_config(args):
-    if args.full_finetune:
-        return None
-    return dict(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                target_modules=args.lora_targets.split(","))
-
-
-def lm_parts(model):
-    """(transformer body, lm_head weight) of a plain or PEFT-wrapped causal LM."""
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model.model, model.lm_head.weight
+# 4. the optimizer (the model, its LoRA adapter and its parts: models.py)
 
 
 def make_optimizer(args, params, total_updates):
@@ -285,7 +235,7 @@ def build_batch(prompt_ids, completions, pad_id, device):
 
 def completion_hidden(model, batch):
     """The final hidden states at the positions that predict the completion tokens. (N, H)"""
-    body = lm_parts(model)[0]
+    body = models.lm_parts(model)[0]
     hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                   position_ids=batch["position_ids"], use_cache=False).last_hidden_state  # (B, L, H)
     return hidden[batch["row_batch"], batch["row_pos"]]
@@ -480,7 +430,7 @@ def teacher_pass(model, batch, args, teacher_copy, device, dtype):
 def teacher_head_of(model, params, teacher_copy):
     """The teacher's LM head (V, H): the student's, the same tensor, under LoRA (frozen) or a live teacher; under full
     fine-tuning the head trains, and a teacher with weights of its own (fixed, EMA) has its own copy of it."""
-    student_head = lm_parts(model)[1]
+    student_head = models.lm_parts(model)[1]
     if not student_head.requires_grad or teacher_copy is None:
         return student_head
     return next(copy for p, copy in zip(params, teacher_copy) if p is student_head)
@@ -617,7 +567,7 @@ def main(argv=None):
     run = plumbing.Run(args, "opsd", rank, world, device, total_steps)  # --resume, --out-dir: checked before the model
     # 4. model + LoRA (the same init on every rank), the optimizer, and on --resume the checkpoint's state
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model, device, dtype, lora_config(args),
+    model, tokenizer = models.load_model(args.model, device, dtype, models.lora_config(args),
                                   grad_checkpointing=args.grad_checkpointing)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(args, params, total_steps)
@@ -627,7 +577,7 @@ def main(argv=None):
     teacher_model = None
     teacher_copy = None
     if args.teacher_model:
-        teacher_model = load_teacher(args.teacher_model, device, dtype)
+        teacher_model = models.load_teacher(args.teacher_model, device, dtype)
     elif args.teacher_weights == "ema" or (args.teacher_weights == "fixed" and args.full_finetune):
         saved = state.get("teacher_copy") or params
         teacher_copy = [tensor.detach().to(device).clone() for tensor in saved]
@@ -677,11 +627,11 @@ def main(argv=None):
         # Per rank: L = 1/P sum_i 1/|y^_i| sum_n D(p_T || p_S)(n), D the per-token loss, P problems
         loss = 0.0
         outputs, weights, padding = [], [], []
-        student_head = lm_parts(model)[1]
+        student_head = models.lm_parts(model)[1]
         if teacher_model is None:
             teacher_head = teacher_head_of(model, params, teacher_copy)
         else:
-            teacher_head = lm_parts(teacher_model)[1]
+            teacher_head = models.lm_parts(teacher_model)[1]
         for start in range(0, per_rank, args.micro_batch_size):
             part = slice(start, start + args.micro_batch_size)
             student_batch = build_batch(student_prompts[part], rollouts[part], tokenizer.pad_token_id, device)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import models
 import opsd
 import plumbing
 import prompts
@@ -72,7 +73,7 @@ def sft_loss(model, examples, device, pad_id, chunk_size, normalizer, nll_fn=tok
     compiled form."""
     batch = opsd.build_batch([p for p, _ in examples], [t for _, t in examples], pad_id, device)
     hidden = opsd.completion_hidden(model, batch)  # (N, H)
-    head = opsd.lm_parts(model)[1]
+    head = models.lm_parts(model)[1]
     targets = batch["targets"]
     nll = torch.cat([checkpoint(nll_fn, hidden[i:i + chunk_size], head, targets[i:i + chunk_size], use_reentrant=False)
                      for i in range(0, len(targets), chunk_size)])  # (N,)
@@ -103,7 +104,7 @@ def main(argv=None):
     run = plumbing.Run(args, "sft", rank, world, device, total_steps)
     # 4. model (random init with --from-scratch), the optimizer, and on --resume the checkpoint's state
     torch.manual_seed(args.seed)
-    model, tokenizer = opsd.load_model(args.model, device, dtype, opsd.lora_config(args), args.from_scratch,
+    model, tokenizer = models.load_model(args.model, device, dtype, models.lora_config(args), args.from_scratch,
                                        args.grad_checkpointing)
     examples = tokenize_examples(records, tokenizer, args.thinking, max_length)
     params = [p for p in model.parameters() if p.requires_grad]

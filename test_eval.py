@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import eval as evaluate
-import opsd
+import models
 import plumbing
 import prompts
 import samplers
@@ -132,7 +132,7 @@ def test_adapter_is_loaded_and_changes_the_outputs(tiny, tmp_path):
     adapter = make_adapter(tiny, str(tmp_path / "adapter"))
     saved = load_file(os.path.join(adapter, "adapter_model.safetensors"))
     from peft import PeftModel
-    base = opsd.load_model(tiny["model"], torch.device("cpu"))[0]
+    base = models.load_model(tiny["model"], torch.device("cpu"))[0]
     loaded = dict(PeftModel.from_pretrained(base, adapter).named_parameters())
     for name, value in saved.items():
         match = [p for n, p in loaded.items() if n.replace(".default", "") == name]
@@ -253,7 +253,7 @@ def truncate(path, size=100):
 
 
 def test_a_model_dir_without_weights_is_an_error_naming_it_before_anything_loads(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     empty = model_dir_without_weights(tiny, tmp_path / "no_weights")
     with pytest.raises(prompts.UserError, match=rf"--model {empty}: no weights there \(no \*\.safetensors"):
         evaluate.main(cli(tiny, tmp_path / "out", "--model", empty))
@@ -261,7 +261,7 @@ def test_a_model_dir_without_weights_is_an_error_naming_it_before_anything_loads
 
 
 def test_a_model_dir_with_a_truncated_weights_file_is_an_error_naming_the_file(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     cut = tmp_path / "cut"
     shutil.copytree(tiny["model"], cut)
     truncate(cut / "model.safetensors")
@@ -303,7 +303,7 @@ def broken_adapter(tiny, path, how):
 ])
 def test_an_adapter_with_a_missing_or_truncated_file_is_one_line_before_anything_loads(tiny, tmp_path, monkeypatch,
                                                                                        how, message):
-    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     adapter = broken_adapter(tiny, tmp_path / "adapter", how)
     with pytest.raises(prompts.UserError, match=rf"--adapter {adapter}: {message}") as error:
         evaluate.main(cli(tiny, tmp_path / "out", "--adapter", adapter))
@@ -312,7 +312,7 @@ def test_an_adapter_with_a_missing_or_truncated_file_is_one_line_before_anything
 
 def test_a_checkpoint_whose_save_was_killed_midway_is_refused_as_an_adapter(tiny, tmp_path, monkeypatch):
     """checkpoint-N.tmp is a save killed midway: its adapter may be whole while the rest of the checkpoint is not."""
-    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     run = tmp_path / "run"
     partial = make_adapter(tiny, str(run / "checkpoint-000004.tmp"))
     with pytest.raises(prompts.UserError, match=r"checkpoint-000004\.tmp: an incomplete checkpoint \(a save killed"):
@@ -423,7 +423,7 @@ def test_a_settings_file_from_before_dtype_was_recorded_resumes_at_the_default(t
     (["--sampling-top-k", "20"], r"--sampling-top-k does nothing with --temperature 0"),
 ], ids=["samples", "top_p", "top_k"])
 def test_an_option_that_does_nothing_when_greedy_is_an_error_naming_it(tiny, tmp_path, monkeypatch, flags, message):
-    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(prompts.UserError, match=message):
         evaluate.main(cli(tiny, tmp_path, *flags, n=1, temperature="0"))
 
@@ -529,7 +529,7 @@ def test_checkpoints_that_cannot_be_evaluated_are_skipped_each_with_a_line_and_t
 
 
 def test_a_run_with_no_checkpoint_to_evaluate_is_an_error_naming_it(tiny, trained_run, tmp_path, monkeypatch):
-    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     run = tmp_path / "run"
     os.makedirs(run)
     shutil.copytree(trained_run / "checkpoint-000001", run / "checkpoint-000001")

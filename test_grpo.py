@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import grpo
+import models
 import opsd
 import prompts
 import samplers
@@ -158,7 +159,7 @@ def test_reward_is_prompts_grade_on_decoded_rollouts(world, tmp_path, monkeypatc
 
 def test_update_raises_positive_and_lowers_negative_advantage_rollouts(world):
     torch.manual_seed(0)
-    model, tokenizer = opsd.load_model(world["model"], torch.device("cpu"),
+    model, tokenizer = models.load_model(world["model"], torch.device("cpu"),
                                        lora=dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
     prompt = prompts.student_prompt_ids(tokenizer, "What is 123*4?")
     rollouts = [prompts.completion_ids(tokenizer, text) for text in
@@ -166,7 +167,7 @@ def test_update_raises_positive_and_lowers_negative_advantage_rollouts(world):
     advantages = grpo.group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]])).flatten()  # (+, -, -, +)
     batch = opsd.build_batch([prompt] * 4, rollouts, tokenizer.pad_token_id, torch.device("cpu"))
     def logp():
-        return grpo.rollout_logprobs(opsd.completion_hidden(model, batch), opsd.lm_parts(model)[1], batch["targets"],
+        return grpo.rollout_logprobs(opsd.completion_hidden(model, batch), models.lm_parts(model)[1], batch["targets"],
                                      1.0, 16)
     with torch.no_grad():
         before = torch.stack([part.sum() for part in logp().split(batch["lengths"].tolist())])

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import models
 import opsd
 import plumbing
 import prompts
@@ -155,7 +156,7 @@ def test_chunked_jsd_matches_float64_reference(beta, weight_grad):
 def test_the_chunk_loop_backpropagates_through_the_model_as_the_full_loss_does(world):
     """The chunks' gradients w.r.t. the hidden states go back through the model in one backward: every LoRA gradient
     equals that of the naive loss (all logits at once, one loss.backward()), in float64."""
-    model, tokenizer = opsd.load_model(world["model"], CPU, lora=LORA)
+    model, tokenizer = models.load_model(world["model"], CPU, lora=LORA)
     model.double()
     with torch.no_grad():
         for p in trainable(model):
@@ -163,7 +164,7 @@ def test_the_chunk_loop_backpropagates_through_the_model_as_the_full_loss_does(w
     records = toy.make_records("train", 3, 5)
     batch = opsd.build_batch([prompts.student_prompt_ids(tokenizer, r["problem"]) for r in records],
                              [[40, 41, 42], [50] * 7, [60, 61]], tokenizer.pad_token_id, CPU)
-    head = opsd.lm_parts(model)[1]
+    head = models.lm_parts(model)[1]
     with torch.no_grad(), model.disable_adapter():
         teacher_hidden = opsd.completion_hidden(model, batch)
     weights = torch.rand(len(batch["targets"]), dtype=torch.float64)
@@ -183,9 +184,9 @@ def test_under_full_fine_tuning_the_tied_head_gets_both_gradients(world):
     """Qwen3 0.6B-4B tie the LM head to the embeddings (the toy model too): under full fine-tuning the chunk loop adds
     the head's gradient from the logits, and the backward through the model adds the embedding's, into the one
     tensor; the sum equals the naive loss's gradient, in float64. The teacher is the initial copy, as in opsd.main."""
-    model, tokenizer = opsd.load_model(world["model"], CPU)
+    model, tokenizer = models.load_model(world["model"], CPU)
     model.double()
-    head = opsd.lm_parts(model)[1]
+    head = models.lm_parts(model)[1]
     assert head is model.get_input_embeddings().weight  # tied: one tensor
     initial_head = head.detach().clone()
     with torch.no_grad():
@@ -440,7 +441,7 @@ def test_build_batch_layout_and_length_masking(world):
 
 
 def test_padded_batch_scores_equal_unpadded(world):
-    model, tokenizer = opsd.load_model(world["model"], CPU, lora=LORA)
+    model, tokenizer = models.load_model(world["model"], CPU, lora=LORA)
     torch.manual_seed(7)
     with torch.no_grad():  # a non-zero adapter, so student (adapter on) and teacher (adapter off) differ
         for name, p in model.named_parameters():
@@ -453,7 +454,7 @@ def test_padded_batch_scores_equal_unpadded(world):
     assert len({len(p) for p in student_prompts}) > 1 and len({len(p) for p in teacher_prompts}) > 1
     eos = prompts.stop_token_ids(tokenizer)[0]
     completions = [[40, 41, 42, 43, eos], [50, 51, 52, tokenizer.pad_token_id], [60] * 9 + [eos]]
-    body, weight = opsd.lm_parts(model)
+    body, weight = models.lm_parts(model)
     for prompt_ids, adapter in [(student_prompts, True), (teacher_prompts, False)]:
         # pad with the EOS id, as for a tokenizer whose pad is its EOS: masking must be by length
         batch = opsd.build_batch(prompt_ids, completions, eos, CPU)
@@ -476,7 +477,7 @@ def test_padded_batch_scores_equal_unpadded(world):
 
 
 def hf_sampler(world, model=None):
-    model = model or opsd.load_model(world["model"], CPU)[0].eval()
+    model = model or models.load_model(world["model"], CPU)[0].eval()
     stop_ids = prompts.stop_token_ids(world["tokenizer"], world["model"])
     return samplers.HFSampler(model, world["tokenizer"], stop_ids, batch_size=4)
 
@@ -499,7 +500,7 @@ def test_hf_samples_depend_only_on_their_seed_not_on_the_batch(world):
 
 def test_hf_seeded_sampling_draws_from_the_warped_distribution(world):
     """The first token's frequency over 4,000 seeds against softmax(logits / T) restricted to the top-k, exactly."""
-    model = opsd.load_model(world["model"], CPU)[0].eval()
+    model = models.load_model(world["model"], CPU)[0].eval()
     sampler = samplers.HFSampler(model, world["tokenizer"], [10**6], batch_size=1000)  # no stop: every row runs
     prompt = prompts.student_prompt_ids(world["tokenizer"], "What is 123*4?")
     with torch.no_grad():
@@ -541,7 +542,7 @@ def test_fixed_teacher_is_bit_identical_after_training(world, tmp_path, monkeypa
 
 
 def test_teacher_modes_live_ema_and_full_finetune_swap_in_and_back(world):
-    model, tokenizer = opsd.load_model(world["model"], CPU, lora=LORA)
+    model, tokenizer = models.load_model(world["model"], CPU, lora=LORA)
     params = trainable(model)
     with torch.no_grad():
         for p in params:  # a trained adapter: every LoRA matrix non-zero
@@ -566,7 +567,7 @@ def test_teacher_modes_live_ema_and_full_finetune_swap_in_and_back(world):
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert all(torch.count_nonzero(c) == 0 for c in ema_copy)  # the copy is swapped back too
     # full fine-tuning with a fixed teacher: the frozen initial copy is swapped in the same way
-    full = opsd.load_model(world["model"], CPU)[0]
+    full = models.load_model(world["model"], CPU)[0]
     full.eval()
     initial = [p.detach().clone() for p in trainable(full)]
     with torch.no_grad():
@@ -641,18 +642,18 @@ def test_gradient_checkpointing_recomputes_the_student_pass_and_gives_the_same_g
         calls["count"] += 1
     counts, trained = {}, {}
     for flag in ([], ["--grad-checkpointing"]):
-        real = opsd.load_model
+        real = models.load_model
 
         def load_and_hook(*args, **kwargs):
             model, tokenizer = real(*args, **kwargs)
-            opsd.lm_parts(model)[0].layers[0].register_forward_pre_hook(count)
+            models.lm_parts(model)[0].layers[0].register_forward_pre_hook(count)
             return model, tokenizer
-        opsd.load_model = load_and_hook
+        models.load_model = load_and_hook
         calls["count"] = 0
         try:
             opsd.main(run_args(world, tmp_path / str(bool(flag)), "--max-steps", "1", *weights, *flag))
         finally:
-            opsd.load_model = real
+            models.load_model = real
         counts[bool(flag)] = calls["count"]
         checkpoint = tmp_path / str(bool(flag)) / "checkpoint-000001"
         trained[bool(flag)] = load_file(glob.glob(str(checkpoint / "*.safetensors"))[0])
@@ -666,7 +667,7 @@ def test_gradient_checkpointing_recomputes_the_student_pass_and_gives_the_same_g
 
 
 def test_a_few_steps_lower_the_divergence(world):
-    model, tokenizer = opsd.load_model(world["model"], CPU, lora=LORA)
+    model, tokenizer = models.load_model(world["model"], CPU, lora=LORA)
     records = toy.make_records("train", 4, 2)
     student_prompts = [prompts.student_prompt_ids(tokenizer, r["problem"]) for r in records]
     teacher_prompts = [prompts.teacher_prompt_ids(tokenizer, r) for r in records]
@@ -674,7 +675,7 @@ def test_a_few_steps_lower_the_divergence(world):
     rollouts = [torch.randint(3, len(tokenizer), (n,), generator=generator).tolist() for n in [6, 9, 12, 15]]
     student_batch = opsd.build_batch(student_prompts, rollouts, tokenizer.pad_token_id, CPU)
     teacher_batch = opsd.build_batch(teacher_prompts, rollouts, tokenizer.pad_token_id, CPU)
-    head = opsd.lm_parts(model)[1]
+    head = models.lm_parts(model)[1]
     with torch.no_grad(), model.disable_adapter():
         teacher_hidden = opsd.completion_hidden(model, teacher_batch)  # fixed: computed once
     weights = torch.cat([torch.full((n,), 1 / (4 * n)) for n in [6, 9, 12, 15]])
@@ -935,7 +936,7 @@ def test_the_mismatch_is_the_absolute_difference_and_truncated_counts_only_rollo
                 ids = ids[:9] + [stop]  # stopped early
             with torch.no_grad():  # the student pass's log-probs of these tokens, at the run's temperature (1.1)
                 batch = opsd.build_batch([prompt_ids[i]], [ids], world["tokenizer"].pad_token_id, CPU)
-                logits = opsd.completion_hidden(sampler.model, batch) @ opsd.lm_parts(sampler.model)[1].T
+                logits = opsd.completion_hidden(sampler.model, batch) @ models.lm_parts(sampler.model)[1].T
                 logp = (logits / 1.1).log_softmax(-1).gather(-1, batch["targets"][:, None])[:, 0]
             offsets = torch.tensor([0.25 if j % 2 else -0.25 for j in range(len(ids))])
             ordered.append([samplers.Sample(ids, (logp + offsets).tolist())])
@@ -963,8 +964,8 @@ def test_a_row_past_the_context_is_named_before_the_model_loads_and_the_advice_w
         args = run_args(world, tmp_path / name, "--max-steps", "2", "--save-rollouts-every", "1", *extra)
         args[args.index("--data") + 1] = str(data)
         return args
-    real_load = opsd.load_model
-    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model loaded before the data check"))
+    real_load = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded before the data check"))
     with pytest.raises(prompts.UserError, match=r"long_reference\.jsonl: row 1: the teacher prompt \([\d,]+ tokens\) "
                        r"is over the 1,008 that fit \(1 row\(s\) in all\); cut the reference with "
                        r"--max-reference-tokens, or drop such rows with --drop-long-rows"):
@@ -972,7 +973,7 @@ def test_a_row_past_the_context_is_named_before_the_model_loads_and_the_advice_w
     with pytest.raises(prompts.UserError, match=r"long_problem\.jsonl: row 4: the student prompt .* lower "
                                                 r"--max-new-tokens, or drop such rows with --drop-long-rows"):
         opsd.main(argv("problem", long_problem, "--max-reference-tokens", "64"))
-    monkeypatch.setattr(opsd, "load_model", real_load)
+    monkeypatch.setattr(models, "load_model", real_load)
     assert not (tmp_path / "reference").exists() and not (tmp_path / "problem").exists()
     opsd.main(argv("cut", long_reference, "--max-reference-tokens", "64"))
     saved = [json.loads(line) for line in open(tmp_path / "cut" / "rollouts.jsonl")]
@@ -1087,7 +1088,7 @@ def test_a_bf16_step_matches_the_fp32_step_and_keeps_trained_weights_fp32(world,
     checkpoint = plumbing.follow_latest(str(tmp_path / "bf16"))
     for dtype in (torch.bfloat16, torch.float32):
         lora = None if full_finetune else LORA
-        model, _ = opsd.load_model(checkpoint if full_finetune else world["model"], CPU, dtype, lora=lora)
+        model, _ = models.load_model(checkpoint if full_finetune else world["model"], CPU, dtype, lora=lora)
         plumbing.load_weights(checkpoint, model)
         assert torch.equal(trainable(model)[0], grads16["after"][0])
 
@@ -1218,7 +1219,7 @@ def test_an_external_teacher_scores_the_rollouts_and_never_moves(world, wider_te
 
 
 def test_a_teacher_with_another_tokenizer_is_one_line_naming_what_differs(world, tmp_path, monkeypatch):
-    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
     other = tmp_path / "teacher"
     shutil.copytree(world["model"], other)
     (other / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")  # transformers 5 keeps it here

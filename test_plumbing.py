@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import grpo
+import models
 import opsd
 import plumbing
 import prompts
@@ -75,8 +76,9 @@ def project_imports(path):
 
 
 def test_the_import_graph_is_a_tree_with_opsd_as_the_building_blocks():
-    """prompts <- plumbing <- samplers <- opsd <- {grpo, sft, eval} <- toy <- benchmarks and tests; no cycle, no
-    import inside a function to dodge one, and neither the run plumbing nor the samplers import a script."""
+    """prompts <- plumbing <- {samplers, models} <- opsd <- {grpo, sft, eval} <- toy <- benchmarks and tests; no
+    cycle, no import inside a function to dodge one, and neither the plumbing, the samplers nor the models import a
+    script."""
     graph = {}
     for path in glob.glob(os.path.join(HERE, "*.py")):
         module = os.path.splitext(os.path.basename(path))[0]
@@ -85,10 +87,10 @@ def test_the_import_graph_is_a_tree_with_opsd_as_the_building_blocks():
         assert not hidden, f"{module}.py imports a project module inside a function"
         graph[module] = {m for m, _ in imports}
     assert graph["prompts"] == set() and graph["plumbing"] == {"prompts"}
-    assert graph["samplers"] == {"plumbing", "prompts"}
-    assert graph["opsd"] == {"plumbing", "prompts", "samplers"}
+    assert graph["samplers"] == {"plumbing", "prompts"} and graph["models"] == {"plumbing"}
+    assert graph["opsd"] == {"models", "plumbing", "prompts", "samplers"}
     for script in ("grpo", "sft", "eval"):
-        assert graph[script] <= {"opsd", "plumbing", "prompts", "samplers"}, f"{script}.py imports {graph[script]}"
+        assert graph[script] <= {"opsd", "models", "plumbing", "prompts", "samplers"}, f"{script}.py: {graph[script]}"
     assert not [m for m, deps in graph.items() if "toy" in deps and not m.startswith(("test_", "bench_"))]
 
     def reaches(start, target, seen=()):
@@ -112,7 +114,7 @@ def test_the_readmes_line_counts_are_the_files():
 
 def saver(world, out_dir, keep, best=None):
     """What Run.save reads of its run, and the model, tokenizer, optimizer and schedule it saves."""
-    model, tokenizer = opsd.load_model(world["model"], torch.device("cpu"), lora=dict(r=8, lora_alpha=16,
+    model, tokenizer = models.load_model(world["model"], torch.device("cpu"), lora=dict(r=8, lora_alpha=16,
                                                                                      target_modules=["q_proj"]))
     optimizer, scheduler = opsd.make_optimizer(SimpleNamespace(lr=1e-3, weight_decay=0.0, warmup_ratio=0.0),
                                                [p for p in model.parameters() if p.requires_grad], 10)
@@ -238,7 +240,7 @@ def test_resume_refuses_a_checkpoint_of_another_script(world, tmp_path):
 def test_resume_refuses_other_settings_and_names_them(world, tmp_path, monkeypatch):
     sft.main(sft_args(world, tmp_path / "run", "--max-steps", "2", "--stop-after", "1"))
     loaded = []
-    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loaded.append(a))
     with pytest.raises(prompts.UserError, match=r"--lr was 2e-05, now 0\.001.*--max-steps was 2, now 3"):
         sft.main(sft_args(world, tmp_path / "run", "--max-steps", "3", "--lr", "1e-3", "--resume",
                           str(tmp_path / "run")))
@@ -354,7 +356,7 @@ def test_every_float_option_is_checked():
 
 
 def test_options_that_need_each_other_or_a_path_are_checked_before_any_model_loads(world, tmp_path, monkeypatch):
-    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
     for argv, message in [(["--model", str(tmp_path / "nope")], r"--model .*nope: no such directory"),
                           (["--model", world["model"], "--eval-every", "5"], "--eval-every needs --eval-data"),
                           (["--model", world["model"], "--data", str(tmp_path / "x.csv")], "no such data file"),
@@ -467,7 +469,7 @@ def test_a_full_checkpoint_missing_a_weight_is_an_error_that_names_it(world, tmp
     out = tmp_path / "run"
     sft.main(sft_args(world, out, "--max-steps", "1", "--full-finetune"))
     checkpoint = plumbing.follow_latest(str(out))
-    model, _ = opsd.load_model(world["model"], torch.device("cpu"))
+    model, _ = models.load_model(world["model"], torch.device("cpu"))
     plumbing.load_weights(checkpoint, model)  # the tied lm_head is not in the file: fine
     path = os.path.join(checkpoint, "model.safetensors")
     state = load_file(path)
@@ -515,7 +517,7 @@ def test_an_out_dir_that_cannot_be_written_is_one_line(world, tmp_path):
 
 def test_a_model_id_that_cannot_be_reached_is_one_line(world, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as no network: at once, where the real hub retries for ~25 s
-    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
     with pytest.raises(prompts.UserError, match=r"--model nobody-here/no-such-model: cannot be loaded \(.*\); download "
                                                 r"it while online, or pass a local directory"):
         opsd.main(["--model", "nobody-here/no-such-model", "--data", world["data"], "--out-dir", str(tmp_path / "o")])
@@ -578,7 +580,7 @@ NO_OPS = [  # (script, argv, message): options given that cannot act in that com
 
 @pytest.mark.parametrize("script,argv,message", NO_OPS, ids=[" ".join(a) for _, a, _ in NO_OPS])
 def test_an_option_that_would_do_nothing_is_an_error_naming_it(world, tmp_path, monkeypatch, script, argv, message):
-    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
     module = {"opsd": opsd, "grpo": grpo, "sft": sft}[script]
     argv = [world["data"] if a == "DATA" else a for a in argv]
     with pytest.raises(prompts.UserError, match=re.escape(message)):

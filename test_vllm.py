@@ -20,6 +20,7 @@ import torch
 
 import eval as evaluate
 import grpo
+import models
 import opsd
 import prompts
 import samplers
@@ -60,7 +61,7 @@ def problems(world):
 def lora_model(world, scale=0.2, seed=0):
     """The tiny model with a LoRA adapter whose B is non-zero (PEFT starts B at 0: a no-op adapter proves nothing)."""
     torch.manual_seed(seed)
-    model, _ = opsd.load_model(world["model"], CPU, lora=LORA)
+    model, _ = models.load_model(world["model"], CPU, lora=LORA)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -93,7 +94,7 @@ class TestOneEngine:
 
 
     def test_greedy_ids_equal_hf_for_the_base_weights_and_an_adapter(self, world, sampler, problems, tmp_path):
-        base, _ = opsd.load_model(world["model"], CPU)
+        base, _ = models.load_model(world["model"], CPU)
         seeds = [0] * len(problems)
         assert ids(sampler.generate(problems, 1, greedy(), seeds)) == hf_greedy(base.eval(), world, problems)
         model = lora_model(world)
@@ -114,7 +115,7 @@ class TestOneEngine:
         batch = opsd.build_batch(problems[:4], [target] * 4, world["tokenizer"].pad_token_id, CPU)
         model.train()
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=2.0)
-        logits = opsd.completion_hidden(model, batch) @ opsd.lm_parts(model)[1].T
+        logits = opsd.completion_hidden(model, batch) @ models.lm_parts(model)[1].T
         torch.nn.functional.cross_entropy(logits, batch["targets"]).backward()
         optimizer.step()
         model.eval()
@@ -130,7 +131,7 @@ class TestOneEngine:
         rollout. vLLM's log-prob of each sampled token (Sample.logprobs, logged against the student pass as the
         mismatch) equals HF's log_softmax(logits / T) there."""
         temperature = 1.3
-        model = lora_model(world) if adapter else opsd.load_model(world["model"], CPU)[0].eval()
+        model = lora_model(world) if adapter else models.load_model(world["model"], CPU)[0].eval()
         lora_request = opsd.lora_request(save(model, tmp_path / "adapter")) if adapter else None
         sampling = dict(max_new_tokens=32, temperature=temperature, top_p=1.0, top_k=0)
         samples = sampler.generate(problems, 1, sampling, list(range(len(problems))), lora_request)
@@ -169,7 +170,7 @@ def test_both_samplers_stop_on_the_same_ids_including_the_generation_configs(wor
     shutil.copytree(world["model"], model_dir)
     config = json.loads((model_dir / "generation_config.json").read_text())
     tokenizer = world["tokenizer"]
-    base, _ = opsd.load_model(world["model"], CPU)
+    base, _ = models.load_model(world["model"], CPU)
     extra = next(c[0] for c in hf_greedy(base.eval(), world, problems) if len(c) > 1)  # a token the model does generate
     config["eos_token_id"] = [tokenizer.eos_token_id, extra]
     (model_dir / "generation_config.json").write_text(json.dumps(config))

@@ -35,6 +35,7 @@ import time
 
 import eval as evaluation
 import grpo
+import models
 import opsd
 import plumbing
 import prompts
@@ -258,7 +259,7 @@ def accuracy(model_dir, data_path, adapter=None, teacher_context=None, limit=Non
     """Greedy accuracy on a data file of the student prompt, or of the teacher prompt with this context
     ("solution": the reference; "answer": only the final answer)."""
     import torch
-    model, tokenizer = opsd.load_model(model_dir, torch.device("cpu"))
+    model, tokenizer = models.load_model(model_dir, torch.device("cpu"))
     if adapter:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, adapter)
@@ -340,7 +341,7 @@ def external_teacher(references="own", steps=150, cache=None):
     sft.main(script_argv("sft", references, periodic_eval=False) + [
         "--max-steps", str(steps), "--save-every", str(steps), "--seed", "0", "--out-dir", run, "--overwrite",
         "--progress-bar"])
-    model, tokenizer = opsd.load_model(p["warm"], torch.device("cpu"))
+    model, tokenizer = models.load_model(p["warm"], torch.device("cpu"))
     merged = PeftModel.from_pretrained(model, plumbing.follow_latest(run)).merge_and_unload()
     merged.save_pretrained(p["teacher"] + ".tmp")
     tokenizer.save_pretrained(p["teacher"] + ".tmp")
