@@ -823,8 +823,10 @@ def test_resume_continues_exactly_and_the_rollouts_file_holds_each_step_once(wor
     assert [r["step"] for r in rows("split")] == [s for s in (1, 2, 3, 4) for _ in range(4)]  # none lost, none twice
     assert rows("split") == rows("straight")
     row = rows("split")[0]
-    assert set(row) == {"step", "problem_id", "rollout", "correct", "length", "divergence", "top_tokens"}
-    assert len(row["top_tokens"]) == 5 and row["top_tokens"][0][1] == max(v for _, v in row["top_tokens"])
+    assert set(row) == {"step", "problem_id", "rollout", "correct", "length", "divergence", "tokens",
+                        "token_divergence"}
+    assert len(row["tokens"]) == len(row["token_divergence"]) == row["length"]
+    assert row["divergence"] == pytest.approx(sum(row["token_divergence"]) / row["length"], rel=1e-4)
 
 
 def test_resume_from_an_earlier_checkpoint_logs_each_step_once(world, tmp_path):

@@ -564,7 +564,7 @@ NO_OPS = [  # (script, argv, message): options given that cannot act in that com
     ("opsd", ["--full-finetune", "--lora-dropout", "0.1"], "--lora-dropout does nothing with --full-finetune"),
     ("opsd", ["--full-finetune", "--lora-targets", "q_proj"], "--lora-targets does nothing with --full-finetune"),
     ("opsd", ["--teacher-context", "answer", "--max-reference-tokens", "64"],
-     "--max-reference-tokens does nothing unless the teacher sees the solution"),
+     "--max-reference-tokens does nothing unless the teacher sees a solution"),
     ("opsd", ["--max-steps", "1", "--stop-after", "5"], "--stop-after 5 does nothing: the run has 1 steps"),
     ("opsd", ["--eval-samples", "4"], "--eval-samples does nothing without --eval-every"),
     ("opsd", ["--eval-data", "x.jsonl"], "--eval-data does nothing without --eval-every"),

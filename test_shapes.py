@@ -10,10 +10,13 @@ import math
 
 import pytest
 
+import grpo
 import opsd
 import prompts
 import qwen3_shapes
 import samplers
+import sft
+import toy
 
 HELLO_WORLD = [9707, 1879]  # "Hello" + " world", as the published Qwen vocab.json numbers them
 IM_START, IM_END, ENDOFTEXT, THINK, END_THINK = 151644, 151645, 151643, 151667, 151668
@@ -203,7 +206,6 @@ def test_vllm_kv_cache_size_matches_what_vllm_reported():
 
 @pytest.fixture(scope="module")
 def qwen3_data(tmp_path_factory):
-    import toy
     path = tmp_path_factory.mktemp("qwen3_data") / "problems.jsonl"
     toy.write_jsonl(str(path), toy.make_records("train", 8, 0))
     return str(path)
@@ -229,8 +231,6 @@ def test_opsd_trains_with_lora_r64_on_all_seven_targets_and_samples_on_policy(mo
 
 
 def test_grpo_and_sft_take_a_step_at_these_shapes(model_dir, qwen3_data, tmp_path):
-    import grpo
-    import sft
     record = grpo.main(small(model_dir, qwen3_data, tmp_path / "grpo", "--group-size", "2", "--max-steps", "1"))
     assert record["step"] == 1 and record["generated_tokens"] > 0
     record = sft.main(small(model_dir, qwen3_data, tmp_path / "sft", "--max-steps", "1", "--max-length", "512"))
