@@ -678,7 +678,7 @@ def main(argv=None):
             rollouts_file.write(*rollout_rows(step + 1, batch, texts, correct, rollouts, out["divergence"], tokenizer))
         if run.eval_due(step, total_steps):
             run.evaluate(step + 1, sampler, tokenizer, thinking=args.thinking,
-                         adapter=adapter_for(sampler, model, args.out_dir, rank, f"eval{step + 1}"))
+                         lora_request=adapter_for(sampler, model, args.out_dir, rank, f"eval{step + 1}"))
         if run.end_step(step, model, tokenizer, optimizer, scheduler, {**totals, "teacher_copy": teacher_copy}):
             break
     run.finish(sampler)

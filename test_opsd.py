@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import grpo
 import models
 import opsd
 import plumbing
@@ -917,6 +918,19 @@ def test_the_step_log_carries_the_diagnostics(world, tmp_path):
     assert 0 <= summary["mismatch_max"] < 1e-4 and summary["mismatch_mean"] <= summary["mismatch_max"]
     for key in ("time_sample", "time_teacher", "time_student", "time_update"):
         assert 0 < summary[key] < summary["time_step"], key
+
+
+@pytest.mark.parametrize("script", ["opsd", "grpo"])
+def test_the_periodic_eval_runs_with_the_current_weights_and_marks_the_best(world, tmp_path, script):
+    """--eval-every: an eval record every N steps and at the end, its problems sampled from the weights of that step;
+    the best eval's checkpoint is kept as OUT/best."""
+    main = {"opsd": opsd.main, "grpo": grpo.main}[script]
+    extra = ["--group-size", "2", "--batch-size", "2"] if script == "grpo" else []
+    main(run_args(world, tmp_path, "--max-steps", "2", "--eval-every", "1", "--eval-data", world["data"],
+                  "--eval-max-new-tokens", "8", *extra))
+    evals = [r for r in log(tmp_path) if "eval" in r]
+    assert [r["step"] for r in evals] == [1, 2] and all(r["eval"]["problems"] == 32 for r in evals)
+    assert plumbing.named(str(tmp_path), "best") is not None
 
 
 def test_the_mismatch_is_the_absolute_difference_and_truncated_counts_only_rollouts_cut_short(world, tmp_path,
