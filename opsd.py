@@ -644,7 +644,6 @@ def main(argv=None):
                 student_hidden = completion_hidden(model, student_batch)  # (N, H), with grad
                 part_loss, out = chunked_loss_backward(student_hidden, teacher_hidden, student_head, teacher_head,
                                                        student_batch["targets"], part_weights, loss_grad, args)
-            model.eval()
             loss += part_loss
             outputs.append(out)
             weights.append(part_weights)
