@@ -139,6 +139,7 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     rollouts, notes, several_files = read_rollouts(args.out_dir)
     output = args.output or os.path.join(args.out_dir, "rollouts.html")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w", encoding="utf-8") as f:
         f.write(page(args.out_dir, rollouts, notes, several_files))
     for note in notes:

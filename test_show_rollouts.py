@@ -165,3 +165,9 @@ def test_output_option_chooses_the_path(tmp_path):
     write_rows(tmp_path / "rollouts.jsonl", [make_row(10, 0, ["x"], [0.1])])
     show_rollouts.main([str(tmp_path), "--output", str(tmp_path / "page.html")])
     assert os.path.exists(tmp_path / "page.html") and not os.path.exists(tmp_path / "rollouts.html")
+
+
+def test_an_output_in_a_directory_not_there_yet_is_written(tmp_path):
+    write_rows(tmp_path / "rollouts.jsonl", [make_row(10, 0, ["a", "b"], [0.1, 0.2])])
+    show_rollouts.main([str(tmp_path), "--output", str(tmp_path / "pages" / "new" / "page.html")])
+    assert "<!doctype html>" in (tmp_path / "pages" / "new" / "page.html").read_text()
