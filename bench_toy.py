@@ -258,12 +258,15 @@ def main():
         outs = {(n, s): run_one(n, setting, s, args) for s in seeds for n in names}  # seed-major: every run early
         results["settings"][setting] = {"warm_start": start, "teacher": teacher, "teacher_answer_only": answer_only,
                                         "runs": {n: summarize([curve(outs[n, s]) for s in seeds]) for n in names}}
-        if any("TEACHER" in RUNS[n][1] for n in names):  # how good the external teacher is, alone and shown y*
-            external = toy.external_teacher(setting)
-            results["settings"][setting]["external"] = toy.accuracy(external, p["test"])
-            results["settings"][setting]["external_solution"] = toy.accuracy(external, p["test"], "solution")
     if args.only:  # a part of the table: its runs are done (and skipped by the next full run), no table
         return
+    for setting in settings:
+        if any("TEACHER" in RUNS[n][1] for n in names):  # how good the external teacher is, alone and shown y*
+            external = toy.external_teacher(setting)
+            test = toy.ensure_prepared(setting)["test"]
+            row = results["settings"][setting]
+            row["external"] = toy.accuracy(external, test)
+            row["external_solution"] = toy.accuracy(external, test, teacher_context="solution")
     text = (f"{len(seeds)} seed{'s' * (len(seeds) > 1)}, {args.steps} steps, held-out greedy accuracy on 256 test "
             "problems"
             f"{' (mean ± std over seeds)' * (len(seeds) > 1)}\n\n"

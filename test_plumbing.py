@@ -672,3 +672,43 @@ def test_a_graceful_stop_gives_up_on_a_step_that_does_not_end(world, tmp_path):
     assert process.returncode == 130, stderr[-2000:]
     assert time.time() - started < 30
     assert stderr.strip().splitlines()[-1] == "interrupted: stopped mid-step; checkpoint-000002 is intact"
+
+
+def test_bench_toys_teachers_seen_table_names_each_teachers_accuracy(tmp_path, monkeypatch):
+    """bench_toy's table (runs faked, toy.accuracy's real signature kept): the external teacher's two accuracies are
+    measured with the right context each, and a part of the table (--only) writes no table."""
+    import inspect
+
+    import bench_toy
+    real = inspect.signature(toy.accuracy)
+
+    def accuracy(*args, **kwargs):  # a different value for every model and context it is asked about
+        bound = real.bind(*args, **kwargs)
+        bound.apply_defaults()
+        asked = bound.arguments
+        assert asked["adapter"] is None  # the base model: the context goes by name, never into `adapter`
+        model, context = asked["model_dir"], asked["teacher_context"]
+        return {("warm", None): 0.4, ("warm", "solution"): 0.8, ("warm", "answer"): 0.0,
+                ("external", None): 0.6, ("external", "solution"): 0.9}[model, context]
+
+    def run_one(name, setting, seed, args):
+        out = tmp_path / "runs" / f"{name}_{seed}"
+        out.mkdir(parents=True, exist_ok=True)
+        rows = [{"step": 1, "time_step": 1.0, "generated_tokens_total": 10}, {"step": 1, "eval": {"avg": 0.5}}]
+        (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(out)
+
+    monkeypatch.setattr(toy, "ensure_prepared", lambda setting: {"warm": "warm", "test": "test.jsonl"})
+    monkeypatch.setattr(toy, "external_teacher", lambda setting: "external")
+    monkeypatch.setattr(toy, "accuracy", accuracy)
+    monkeypatch.setattr(bench_toy, "run_one", run_one)
+    argv = ["bench_toy.py", "--table", "teachers-seen", "--seeds", "0", "--steps", "1", "--plot", "", "--out-dir"]
+    monkeypatch.setattr(sys, "argv", argv + [str(tmp_path / "part"), "--only", "self sees nothing"])
+    bench_toy.main()
+    assert not (tmp_path / "part" / "teachers-seen.md").exists()
+    monkeypatch.setattr(sys, "argv", argv + [str(tmp_path / "whole")])
+    bench_toy.main()
+    table = (tmp_path / "whole" / "teachers-seen.md").read_text()
+    assert "warm start 40.0%; teacher with the reference 80.0%, with only the final answer 0.0%" in table
+    assert "60.0% with no reference, 90.0% with the reference shown" in table
+    assert "| external sees the solution | `--teacher-model TEACHER` | 50.0% | +10.0 |" in table
