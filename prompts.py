@@ -173,26 +173,31 @@ def most_tokens(tokenizer, texts) -> tuple[str, int]:
 
 
 def prompts_too_long(tokenizer, records, room, thinking=False, context=None, student_thinking=None,
-                     max_reference_tokens=None):
+                     max_reference_tokens=None, batch=256):
     """[(record, tokens)] for the records whose prompt (record_prompt_ids) is longer than `room` tokens. Only a
     prompt whose text is longer than `room` bytes is tokenised: a token covers at least one byte of the normalised
-    text, and the aligned assistant prefix adds at most its own length, so a shorter one fits, and a 30,000-row
-    data set is checked in seconds, not tokenised whole."""
+    text, and the aligned assistant prefix adds at most its own length, so a shorter one fits. Those are tokenised
+    `batch` at a time (the fast tokenizer spreads a batch over the cores) unless a reference cut or the prefix
+    alignment changes the ids, which take record_prompt_ids one at a time."""
     normalizer = tokenizer.backend_tokenizer.normalizer
-    slack = 0
-    if context is not None and student_thinking is not None and student_thinking != thinking:
-        slack = len(assistant_prefix(tokenizer, student_thinking))
-    too_long = []
+    aligned = context is not None and student_thinking is not None and student_thinking != thinking
+    slack = len(assistant_prefix(tokenizer, student_thinking)) if aligned else 0
+    one_at_a_time = aligned or (context is not None and max_reference_tokens is not None)
+    candidates = []  # (record, its prompt text): the ones the byte bound cannot clear
     for record in records:
         text = record_prompt_text(tokenizer, record, thinking, context)
-        if normalizer is not None:
-            text = normalizer.normalize_str(text)
-        if len(text.encode("utf-8")) + slack <= room:
-            continue
-        length = len(record_prompt_ids(tokenizer, record, thinking, context, student_thinking, max_reference_tokens))
-        if length > room:
-            too_long.append((record, length))
-    return too_long
+        size = len((normalizer.normalize_str(text) if normalizer is not None else text).encode("utf-8"))
+        if size + slack > room:
+            candidates.append((record, text))
+    if one_at_a_time:
+        lengths = [len(record_prompt_ids(tokenizer, record, thinking, context, student_thinking,
+                                         max_reference_tokens)) for record, _ in candidates]
+    else:  # the text is what record_prompt_ids tokenises
+        lengths = []
+        for start in range(0, len(candidates), batch):
+            texts = [text for _, text in candidates[start:start + batch]]
+            lengths += [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return [(record, length) for (record, _), length in zip(candidates, lengths) if length > room]
 
 
 def stop_token_ids(tokenizer, model_path=None) -> list[int]:

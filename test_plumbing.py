@@ -7,6 +7,7 @@ loads, one-line user errors, Ctrl-C and kill -9.
 """
 import ast
 import glob
+import inspect
 import json
 import os
 import random
@@ -22,6 +23,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import bench_toy
 import grpo
 import models
 import opsd
@@ -677,9 +679,6 @@ def test_a_graceful_stop_gives_up_on_a_step_that_does_not_end(world, tmp_path):
 def test_bench_toys_teachers_seen_table_names_each_teachers_accuracy(tmp_path, monkeypatch):
     """bench_toy's table (runs faked, toy.accuracy's real signature kept): the external teacher's two accuracies are
     measured with the right context each, and a part of the table (--only) writes no table."""
-    import inspect
-
-    import bench_toy
     real = inspect.signature(toy.accuracy)
 
     def accuracy(*args, **kwargs):  # a different value for every model and context it is asked about

@@ -121,6 +121,35 @@ def test_teacher_prompt_ends_with_the_students_assistant_prefix(tokenizer, stude
     assert (unaligned == teacher_ids) == (student == teacher)
 
 
+def long_rows(n=40, seed=0):
+    """Rows of 1 to 600 words: ASCII, LaTeX, digits, CJK, emoji and combining accents (which NFC composes, so the
+    normalised text is shorter in bytes than the raw one)."""
+    import random
+    rng = random.Random(seed)
+    words = ["the", "sum", "\\frac{1}{2}", "123456789", "数学", "🙂", "e\u0301te\u0301", "  ", "\n\n", "x^{2}"]
+    rows = []
+    for i in range(n):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 600)))
+        rows.append({"id": f"r{i}", "problem": text[: len(text) // 3], "solution": text + " \\boxed{7}", "answer": "7"})
+    rows.append({"id": "sft", "problem": "1+1?", "reference": " ".join(words * 20)})  # sft.py's teacher-format row
+    return rows
+
+
+@pytest.mark.parametrize("context, student_thinking, cut", [(None, None, None), ("solution", None, None),
+                                                          ("answer", None, None), ("solution", True, None),
+                                                          ("solution", None, 20)],
+                         ids=["student", "teacher", "answer", "aligned", "cut"])
+def test_prompts_too_long_is_tokenising_every_row(tokenizer, context, student_thinking, cut):
+    """The byte bound and the batches (3 rows each) find exactly the rows that tokenising every row one at a time
+    finds, with the same counts, at rooms below, among and above the prompts' lengths."""
+    rows = long_rows()
+    lengths = [len(prompts.record_prompt_ids(tokenizer, r, False, context, student_thinking, cut)) for r in rows]
+    for room in (min(lengths) - 1, sorted(lengths)[len(lengths) // 2], max(lengths)):
+        expected = [(r, n) for r, n in zip(rows, lengths) if n > room]
+        found = prompts.prompts_too_long(tokenizer, rows, room, False, context, student_thinking, cut, batch=3)
+        assert found == expected
+
+
 @pytest.mark.parametrize("thinking", [False, True], ids=["thinking_off", "thinking_on"])
 def test_prompt_ids_decode_to_the_rendered_chat_template(tokenizer, thinking):
     """The prompt's ids lose nothing of the text Qwen3's template renders (the text is already NFC)."""
