@@ -75,15 +75,19 @@ def token_logprobs(hidden, head, targets, temperature):
 def rollout_logprobs(hidden, head, targets, temperature, chunk_size, logprobs=token_logprobs):
     """`logprobs` (token_logprobs, or its compiled form) for all N rows, chunk_size rows at a time; each chunk's (C, V)
     logits are recomputed in the backward pass (checkpoint) instead of kept, so one chunk's exist at a time. (N,)"""
-    return torch.cat([checkpoint(logprobs, hidden[i:i + chunk_size], head, targets[i:i + chunk_size], temperature,
-                                 use_reentrant=False) for i in range(0, len(targets), chunk_size)])
+    chunks = []
+    for start in range(0, len(targets), chunk_size):
+        rows = slice(start, start + chunk_size)
+        chunks.append(checkpoint(logprobs, hidden[rows], head, targets[rows], temperature, use_reentrant=False))
+    return torch.cat(chunks)
 
 
 def clipped_surrogate(logp, old_logp, advantages, clip_eps):
     """PPO's per-token loss -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A), ratio = exp(logp - old_logp). Its gradient
     in logp is -ratio A where the unclipped term is the minimum, else 0. Returns (loss, clipped?) per token."""
     ratio = (logp - old_logp).exp()
-    unclipped, clipped = ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
     return -torch.min(unclipped, clipped), (clipped < unclipped).float()
 
 
@@ -91,7 +95,9 @@ def grpo_token_loss(logp, advantages, old_logp=None, ref_logp=None, clip_eps=0.2
     """Per-token GRPO loss from the rollout tokens' log-probs (N,). One update per batch: the policy being scored is
     the one that sampled, so old_logp is logp itself, detached; the ratio is exactly 1 and the gradient is
     A grad logp (REINFORCE with the group baseline). With E > 1 epochs old_logp is fixed before the first."""
-    loss, clipped = clipped_surrogate(logp, logp.detach() if old_logp is None else old_logp, advantages, clip_eps)
+    if old_logp is None:
+        old_logp = logp.detach()
+    loss, clipped = clipped_surrogate(logp, old_logp, advantages, clip_eps)
     out = {"clipped": clipped}
     if kl_beta > 0:
         log_ratio = ref_logp - logp  # log p_ref / p
