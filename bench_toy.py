@@ -260,10 +260,10 @@ def main():
                                         "runs": {n: summarize([curve(outs[n, s]) for s in seeds]) for n in names}}
     if args.only:  # a part of the table: its runs are done (and skipped by the next full run), no table
         return
-    for setting in settings:
-        if any("TEACHER" in RUNS[n][1] for n in names):  # how good the external teacher is, alone and shown y*
+    if any("TEACHER" in RUNS[n][1] for n in names):  # how good the external teacher is, alone and shown y*
+        for setting in settings:
             external = toy.external_teacher(setting)
-            test = toy.ensure_prepared(setting)["test"]
+            test = toy.ensure_prepared(setting)["test"]  # prepared above: this only reads where it is
             row = results["settings"][setting]
             row["external"] = toy.accuracy(external, test)
             row["external_solution"] = toy.accuracy(external, test, teacher_context="solution")

@@ -153,17 +153,22 @@ def record_prompt_ids(tokenizer, record, thinking=False, context=None, student_t
     return teacher_prompt_ids(tokenizer, cut_record, thinking, context, student_thinking)
 
 
+def normalized_bytes(tokenizer, text) -> int:
+    """The UTF-8 length of the text as the tokenizer's normaliser leaves it: no tokenisation gives more tokens (a
+    token covers at least one byte), so a text this short fits without being tokenised."""
+    normalizer = tokenizer.backend_tokenizer.normalizer
+    if normalizer is not None:
+        text = normalizer.normalize_str(text)
+    return len(text.encode("utf-8"))
+
+
 def most_tokens(tokenizer, texts) -> tuple[str, int]:
     """(the text with the most tokens, how many). Sorted by length in bytes and tokenised only while a longer one can
     still come: a token covers at least one byte of the normalised text."""
-    normalizer = tokenizer.backend_tokenizer.normalizer
-
-    def size(text):
-        return len((normalizer.normalize_str(text) if normalizer is not None else text).encode("utf-8"))
     longest = None
     most = -1
-    for text in sorted(texts, key=size, reverse=True):
-        if size(text) <= most:
+    for text in sorted(texts, key=lambda t: normalized_bytes(tokenizer, t), reverse=True):
+        if normalized_bytes(tokenizer, text) <= most:
             break
         tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         if tokens > most:
@@ -179,15 +184,13 @@ def prompts_too_long(tokenizer, records, room, thinking=False, context=None, stu
     text, and the aligned assistant prefix adds at most its own length, so a shorter one fits. Those are tokenised
     `batch` at a time (the fast tokenizer spreads a batch over the cores) unless a reference cut or the prefix
     alignment changes the ids, which take record_prompt_ids one at a time."""
-    normalizer = tokenizer.backend_tokenizer.normalizer
     aligned = context is not None and student_thinking is not None and student_thinking != thinking
     slack = len(assistant_prefix(tokenizer, student_thinking)) if aligned else 0
     one_at_a_time = aligned or (context is not None and max_reference_tokens is not None)
     candidates = []  # (record, its prompt text): the ones the byte bound cannot clear
     for record in records:
         text = record_prompt_text(tokenizer, record, thinking, context)
-        size = len((normalizer.normalize_str(text) if normalizer is not None else text).encode("utf-8"))
-        if size + slack > room:
+        if normalized_bytes(tokenizer, text) + slack > room:
             candidates.append((record, text))
     if one_at_a_time:
         lengths = [len(record_prompt_ids(tokenizer, record, thinking, context, student_thinking,

@@ -324,6 +324,7 @@ def ensure_prepared(references="own", cache=None, **kwargs):
             prepare(references, cache=cache, **kwargs)
     return p
 
+
 def external_teacher(references="own", steps=150, cache=None):
     """A teacher for --teacher-model that is better than the warm start with no reference in its prompt: the warm
     start after `steps` steps of SFT on the references (toy.py sft's settings), the adapter merged into a whole model,
