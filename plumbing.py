@@ -429,7 +429,7 @@ class JsonlFile:
 
 def over_ranks(world, device, sums=None, means=None, maxima=None):
     """Each rank's numbers combined over the ranks: `sums` added up, `means` averaged, `maxima` the largest.
-    {name: number or 0-dim tensor} in, {name: float} out, with one host sync."""
+    {name: number or 0-dim tensor} in, {name: float} out: one all_reduce and one host sync for each kind given."""
     groups = [(sums or {}, dist.ReduceOp.SUM, 1), (means or {}, dist.ReduceOp.SUM, world),
               (maxima or {}, dist.ReduceOp.MAX, 1)]
     combined = {}
